@@ -1,0 +1,85 @@
+r"""Times the LM train step of a config: ms/step, tokens/s and model FLOP utilisation.
+
+  python -m experiments.bench_train_step --config=experiments/configs/lm.py:nanogpt_baby
+
+MFU divides the analytic model FLOPs (6N + attention, per token) by the step time and by a peak:
+`--peak_tflops` if given (a GPU or TPU's spec sheet), else the measured rate of a large float32
+matmul on this machine, so CPU figures are against what the cores really reach. Runs several
+rounds and reports the median, since a shared machine drifts by tens of percent within minutes.
+"""
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import lm_setup, run
+from llmx.data.lm_windows import lm_batches
+from llmx.models.gpt import flops_per_token, num_params
+from llmx.train.step import init_state, make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/lm.py:nanogpt_baby", "LM config.")
+_STEPS = flags.DEFINE_integer("steps", 50, "Timed steps per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds; the median round is reported.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s; 0: measure a matmul.")
+
+
+def measured_matmul_flops(n: int = 2048, repeats: int = 10) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+def main(argv):
+  del argv
+  c = _CONFIG.value
+  lm_setup.validate(c)
+  _, train_tokens, _ = lm_setup.load_tokens(c)
+  gpt_config = lm_setup.model_config(c, vocab_size=int(train_tokens.max()) + 1)
+  model = lm_setup.build_model(gpt_config, c.train.seed)
+  tx, _ = lm_setup.build_optimizer(c)
+  graphdef, state = init_state(model, tx)
+  step_fn = make_train_step(graphdef, lm_setup.lm_loss, tx)
+  data = lm_batches(train_tokens, block_size=c.model.block_size, batch_size=c.train.batch_size,
+                    seed=0)
+  batches = [jnp.asarray(data[i]) for i in range(8)]
+  for i in range(5):  # compile and warm up
+    state, metrics = step_fn(state, batches[i % 8])
+  jax.block_until_ready(state)
+
+  round_ms = []
+  for _ in range(_ROUNDS.value):
+    t = time.perf_counter()
+    for i in range(_STEPS.value):
+      state, metrics = step_fn(state, batches[i % 8])
+    jax.block_until_ready(state)
+    round_ms.append(1e3 * (time.perf_counter() - t) / _STEPS.value)
+  ms = statistics.median(round_ms)
+
+  n_params = num_params(model)
+  tokens = c.train.batch_size * c.model.block_size
+  flops = tokens * flops_per_token(gpt_config, n_params, c.model.block_size)
+  peak = _PEAK.value * 1e12 if _PEAK.value else measured_matmul_flops()
+  peak_kind = "spec peak" if _PEAK.value else "measured f32 matmul"
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}")
+  print(f"model: {n_params / 1e6:.2f}M params, batch {c.train.batch_size} x {c.model.block_size} tokens")
+  print(f"rounds (ms/step): {', '.join(f'{r:.1f}' for r in round_ms)}")
+  print(f"ms/step (median): {ms:.2f}")
+  print(f"tokens/s:         {tokens / ms * 1e3:,.0f}")
+  print(f"model GFLOP/step: {flops / 1e9:.3f}  achieved {flops / ms / 1e6:.1f} GFLOP/s")
+  print(f"MFU:              {flops / (ms / 1e3) / peak:.1%} of {peak / 1e9:.0f} GFLOP/s ({peak_kind})")
+  print(f"final loss:       {float(metrics['train_loss']):.4f}")
+  assert np.isfinite(float(metrics["train_loss"]))
+
+
+if __name__ == "__main__":
+  run(main)

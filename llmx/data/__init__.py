@@ -1,0 +1,1 @@
+"""Data: corpora, tokenizers and grain pipelines. Imports nothing else from llmx."""

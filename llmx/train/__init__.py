@@ -1,0 +1,1 @@
+"""Training: optimizer, jit step, loop, checkpoints, metrics, meshes. Knows no model family."""
