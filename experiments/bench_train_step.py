@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from experiments import lm_setup, run
 from llmx.data.lm_windows import lm_batches
 from llmx.models.gpt import flops_per_token, num_params
-from llmx.train.step import init_state, make_train_step
+from llmx.train.step import supervised
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/lm.py:nanogpt_baby", "LM config.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps per round.")
@@ -47,8 +47,9 @@ def main(argv):
   gpt_config = lm_setup.model_config(c, vocab_size=int(train_tokens.max()) + 1)
   model = lm_setup.build_model(gpt_config, c.train.seed)
   tx, _ = lm_setup.build_optimizer(c)
-  graphdef, state = init_state(model, tx)
-  step_fn = make_train_step(graphdef, lm_setup.lm_loss, tx)
+  trainable = supervised(model, tx, lm_setup.lm_loss)
+  state = trainable.init()
+  step_fn = jax.jit(trainable.train_step, donate_argnums=0)
   data = lm_batches(train_tokens, block_size=c.model.block_size, batch_size=c.train.batch_size,
                     seed=0)
   batches = [jnp.asarray(data[i]) for i in range(8)]

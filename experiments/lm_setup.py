@@ -88,11 +88,10 @@ def restore_for_inference(workdir: str):
 
   import jax
   import ml_collections
-  from flax import nnx
 
   from llmx.train.checkpoint import Checkpointer
   from llmx.train.config_check import ConfigError
-  from llmx.train.step import init_state
+  from llmx.train.step import supervised
 
   ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
   meta = ckpt.latest_meta()
@@ -101,11 +100,8 @@ def restore_for_inference(workdir: str):
   tokenizer = CharTokenizer.from_json(meta["must_match"]["tokenizer"])
   gpt_config = gpt_config_from_dict(meta["must_match"]["model"])
   config = ml_collections.ConfigDict(meta["config"])
-  model = build_model(gpt_config, seed=0)
   tx, _ = build_optimizer(config)
-  graphdef, state = init_state(model, tx)
-  step, state, _ = ckpt.restore(jax.eval_shape(lambda: state))
+  trainable = supervised(build_model(gpt_config, seed=0), tx, lm_loss)
+  step, state, _ = ckpt.restore(jax.eval_shape(trainable.init))
   ckpt.close()
-  model = nnx.merge(graphdef, state["params"], state["rest"])
-  model.eval()
-  return model, tokenizer, config, step
+  return trainable.model_of(state), tokenizer, config, step

@@ -14,6 +14,7 @@ from llmx.generation import generate
 from llmx.models.gpt import flops_per_token, num_params
 from llmx.train import loop
 from llmx.train.mesh import make_mesh
+from llmx.train.step import supervised
 
 log = logging.getLogger("llmx")
 
@@ -42,7 +43,7 @@ def main(argv):
       config=c.to_dict(), n_params=n_params)
   batches = dict(block_size=c.model.block_size, batch_size=c.train.batch_size)
   result = loop.train(
-      model=model, tx=tx, loss_fn=lm_setup.lm_loss, schedule=schedule, mesh=mesh,
+      supervised(model, tx, lm_setup.lm_loss), schedule=schedule, mesh=mesh,
       train_batches=lm_batches(train_tokens, seed=c.train.seed, **batches,
                                process_index=jax.process_index(), process_count=jax.process_count()),
       eval_batches=fixed_batches(val_tokens, seed=c.train.seed + 1,

@@ -39,9 +39,9 @@ def test_pretrain_resume_and_generate(tmp_path, data_dir):
 
 def test_config_errors_are_one_line_and_name_the_field(tmp_path):
   bad = cli("experiments.pretrain_lm", "--config=experiments/configs/lm.py:smoke", f"--workdir={tmp_path}",
-            "--config.model.d_model=30", check=False)
+            "--config.model.d_model=31", check=False)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
-  assert "model.d_model=30 is not divisible by model.n_head=2" in bad.stderr
+  assert "model.d_model=31 is not divisible by model.n_head=2" in bad.stderr
 
 
 @pytest.mark.parametrize("overrides, message", [

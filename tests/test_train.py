@@ -13,7 +13,7 @@ from llmx.models.gpt import GPT, GPTConfig
 from llmx.train import loop, optim
 from llmx.train.checkpoint import Checkpointer
 from llmx.train.config_check import ConfigError
-from llmx.train.step import init_state
+from llmx.train.step import supervised
 
 TOKENS = np.random.default_rng(0).integers(0, 29, 5000).astype(np.int32)
 GPT_CFG = GPTConfig(vocab_size=29, block_size=16, n_layer=1, n_head=2, d_model=16, dropout=0.1)
@@ -23,11 +23,16 @@ def lm_loss(model, batch):
   return model.loss(batch[:, :-1], batch[:, 1:])
 
 
-def run(workdir, steps, *, lr=1e-3, checkpoint_every=4, model_cfg=GPT_CFG, tokens=TOKENS):
+def make_trainable(lr=1e-3, model_cfg=GPT_CFG):
   model = GPT(model_cfg, rngs=nnx.Rngs(params=0, dropout=1))
   sched = optim.warmup_cosine(lr, warmup_steps=2, decay_steps=12, end=lr / 10)
+  return supervised(model, optim.adamw(sched), lm_loss), sched
+
+
+def run(workdir, steps, *, lr=1e-3, checkpoint_every=4, model_cfg=GPT_CFG, tokens=TOKENS):
+  trainable, sched = make_trainable(lr, model_cfg)
   return loop.train(
-      model=model, tx=optim.adamw(sched), loss_fn=lm_loss, schedule=sched,
+      trainable, schedule=sched,
       train_batches=lm_batches(tokens, block_size=16, batch_size=4, seed=0),
       eval_batches=fixed_batches(TOKENS, block_size=16, batch_size=4, num_batches=2, seed=1),
       workdir=str(workdir), meta=dict(must_match=dict(model=vars(model_cfg).copy())),
@@ -36,13 +41,14 @@ def run(workdir, steps, *, lr=1e-3, checkpoint_every=4, model_cfg=GPT_CFG, token
 
 
 def leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+  as_numpy = lambda x: np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+  return [as_numpy(x) for x in jax.tree.leaves(tree)]
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
   model = GPT(GPT_CFG, rngs=nnx.Rngs(params=0, dropout=1))
   tx = optim.adamw(1e-3)
-  _, state = init_state(model, tx)
+  state = supervised(model, tx, lm_loss).init()
   # One real update so the optimizer moments are not zeros.
   grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1, state["params"])
   updates, state["opt_state"] = tx.update(grads, state["opt_state"], state["params"])
@@ -54,7 +60,6 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
   assert step == 7 and meta == {"hello": "world"}
   for a, b in zip(leaves(state), leaves(restored), strict=True):
     np.testing.assert_array_equal(a, b)
-  key_before = jax.tree.leaves(state["rest"], is_leaf=lambda x: hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
   assert any(jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key) for k in jax.tree.leaves(restored["rest"]))
   ckpt.close()
 
@@ -83,8 +88,9 @@ def test_incompatible_checkpoint_names_the_fields(tmp_path):
 def test_nan_loss_stops_before_overwriting_the_last_good_checkpoint(tmp_path):
   run(tmp_path, 4)
   good = Checkpointer(tmp_path / "checkpoints").restore(
-      jax.eval_shape(lambda: init_state(GPT(GPT_CFG, rngs=nnx.Rngs(0)), optim.adamw(1e-3))[1]))
-  with pytest.raises(loop.NonFiniteLossError, match="NaN or Inf at step 5"):
+      jax.eval_shape(make_trainable()[0].init))
+  # lr=NaN poisons the parameters at step 5, so the loss of step 6 is the first NaN.
+  with pytest.raises(loop.NonFiniteLossError, match="NaN or Inf at step 6"):
     run(tmp_path, 12, lr=float("nan"))
   ckpt = Checkpointer(tmp_path / "checkpoints")
   assert ckpt.steps() == [4]

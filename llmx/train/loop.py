@@ -1,7 +1,7 @@
 """The training loop every experiment shares: resume, step, log, evaluate, checkpoint.
 
-It takes a model, an optax transformation, a loss function and a grain dataset of batches
-indexed by step; it knows no model family.
+It takes a `Trainable` (init, train step, eval step as pure functions) and a grain dataset of
+batches indexed by step; it knows no model family.
 """
 import dataclasses
 import logging
@@ -13,7 +13,6 @@ from typing import Any, Callable
 import grain
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from llmx.errors import LlmxError
@@ -21,7 +20,7 @@ from llmx.train import mesh as mesh_lib
 from llmx.train.checkpoint import Checkpointer, config_differences
 from llmx.train.config_check import ConfigError
 from llmx.train.metrics import MetricsWriter
-from llmx.train.step import LossFn, init_state, make_eval_step, make_train_step
+from llmx.train.step import Trainable
 
 log = logging.getLogger("llmx")
 
@@ -73,12 +72,11 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(*, model: nnx.Module, tx: optax.GradientTransformation, loss_fn: LossFn,
-          train_batches: grain.MapDataset, eval_batches: list, workdir: str, meta: dict,
-          options: LoopOptions, mesh: jax.sharding.Mesh | None = None,
+def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches: list,
+          workdir: str, meta: dict, options: LoopOptions, mesh: jax.sharding.Mesh | None = None,
           schedule: Callable[[int], float] | None = None,
           on_eval: Callable[[nnx.Module, int], dict] | None = None) -> TrainResult:
-  """Trains `model` for `options.steps` steps, resuming from `workdir/checkpoints` if present.
+  """Trains for `options.steps` steps, resuming from `workdir/checkpoints` if present.
 
   meta: JSON-serialisable run description saved with every checkpoint. Its `must_match` entry
     (e.g. the model config and tokenizer) must equal the checkpoint's to resume; otherwise the
@@ -97,13 +95,9 @@ def train(*, model: nnx.Module, tx: optax.GradientTransformation, loss_fn: LossF
       raise ConfigError(f"{workdir} holds a checkpoint made by an incompatible config; "
                         f"differences: {'; '.join(diffs)}. Use another --workdir or the old config.")
 
-  graphdef, state = init_state(model, tx)
-  model.eval()
-  eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
-  model.train()
   replicated = mesh_lib.replicated(mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  state = jax.device_put(state, replicated)
+  state = jax.jit(trainable.init, out_shardings=replicated)()
 
   data_iter = iter(train_batches)
   start_step = 0
@@ -115,8 +109,8 @@ def train(*, model: nnx.Module, tx: optax.GradientTransformation, loss_fn: LossF
   if start_step >= options.steps:
     log.info("checkpoint step %d >= train.steps=%d: nothing to train", start_step, options.steps)
 
-  train_step = make_train_step(graphdef, loss_fn, tx)
-  eval_step = make_eval_step(eval_graphdef, loss_fn)
+  train_step = jax.jit(trainable.train_step, donate_argnums=0)
+  eval_step = jax.jit(trainable.eval_step)
   writer = MetricsWriter(workdir, resume_step=start_step)
   history = []
 
@@ -127,7 +121,7 @@ def train(*, model: nnx.Module, tx: optax.GradientTransformation, loss_fn: LossF
         sums[name] = sums.get(name, 0.0) + float(value)
     metrics = {f"val_{k}": v / len(eval_batches) for k, v in sums.items()}
     if on_eval is not None:
-      metrics.update(on_eval(nnx.merge(eval_graphdef, state["params"], state["rest"]), step))
+      metrics.update(on_eval(trainable.model_of(state), step))
     return metrics
 
   def check_finite():
@@ -182,8 +176,7 @@ def train(*, model: nnx.Module, tx: optax.GradientTransformation, loss_fn: LossF
     finally:
       ckpt.close()
       writer.close()
-  trained = nnx.merge(graphdef, state["params"], state["rest"])
-  return TrainResult(model=trained, state=state, step=step, history=history, preempted=preempted)
+  return TrainResult(model=trainable.model_of(state), state=state, step=step, history=history, preempted=preempted)
 
 
 def _fmt(v: float) -> str:
