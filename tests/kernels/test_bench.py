@@ -1,0 +1,135 @@
+"""The bench/autotune tool on CPU: tiny runs, the cross-entropy memory check, the cache, errors."""
+import json
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from kernels import autotune, bench, roofline
+from kernels.norms import triton as norms_triton
+
+
+def _rows(path):
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_softmax_rows_on_cpu(tmp_path, capsys):
+  out = tmp_path / "rows.jsonl"
+  rc = bench.main(["--op=softmax", "--shapes=8x1000", "--implementations=xla,triton",
+                   "--mode=fwd_bwd", "--dtype=f32", "--reps=2", "--warmup=1", f"--json={out}"])
+  assert rc == 0
+  text = capsys.readouterr().out
+  assert "timings are not kernel timings" in text
+  assert "interpret (not a kernel timing)" in text and "XLA:CPU" in text
+  rows = _rows(out)
+  assert [r["impl"] for r in rows] == ["xla", "triton"]
+  for r in rows:
+    assert "error" not in r, r
+    assert r["median_s"] > 0 and r["gbps"] > 0 and r["tflops"] > 0
+    assert r["temp_bytes"] is not None
+    assert r["max_rel_err"] < 1e-5  # float32 against the float32 reference
+  assert rows[1]["interpret"] and not rows[0]["interpret"]
+  assert rows[0]["bytes"] == 8 * 1000 * 4 * 5  # read x, write p; read p, g, write dx
+
+
+def test_cross_entropy_rows_and_memory_line(capsys):
+  rc = bench.main(["--op=linear_cross_entropy", "--shapes=64x16x2000", "--dtype=f32",
+                   "--implementations=xla,xla_chunked", "--mode=fwd_bwd", "--reps=1",
+                   "--warmup=1", "--json=-"])
+  assert rc == 0
+  text = capsys.readouterr().out
+  assert "# memory 64x16x2000: xla_chunked / xla temp =" in text
+  rows = [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+  assert {r["impl"] for r in rows} == {"xla", "xla_chunked"}
+  assert all(r["max_rel_err"] < 1e-5 and r["flops"] == 6 * 64 * 16 * 2000 for r in rows)
+
+
+def test_memory_check_ratio(capsys):
+  """N=8192, D=512, V=32768 float32: chunked fwd+bwd needs <= 1/16 of the naive temp memory."""
+  res = bench.memory_check()
+  assert res["shape"] == [8192, 512, 32768] and res["dtype"] == "float32"
+  assert res["xla"] >= 8192 * 32768 * 4  # the naive version holds [N, V] float32 logits
+  assert res["ratio"] <= 1 / 16 and res["ok"]
+  assert bench.main(["--memory-check"]) == 0
+  text = capsys.readouterr().out
+  assert "required <= 1/16: OK" in text and "xla_chunked" in text
+
+
+def test_autotune_writes_cache_and_op_reads_it(tmp_path, monkeypatch):
+  cache = tmp_path / "autotune.json"
+  monkeypatch.setenv(autotune.CACHE_ENV, str(cache))
+  dims, dtype = (6, 300), jnp.float32
+  winners = bench.autotune_op("rms_norm", dims, dtype, interpret=True, max_configs=1, warmup=0,
+                              reps=1, log=lambda *a: None)
+  assert set(winners) == {"fwd", "bwd"}
+  entries = json.loads(cache.read_text())["entries"]
+  key = f"{autotune.device_kind()}|rms_norm.fwd|8x512|float32"
+  assert entries[key]["config"] == winners["fwd"]
+  # The op picks the cached config up at trace time (same bucket, other shape) ...
+  cfg = dict(winners["bwd"], block_rows=4, row_groups=7)
+  autotune.record("rms_norm.bwd", dims, dtype, cfg)
+  assert norms_triton.resolve_config("rms_norm", "bwd", (7, 290), dtype) == cfg
+  # ... and falls back to the heuristic for other buckets, dtypes and broken entries.
+  heur = norms_triton.heuristic_config("bwd", (7, 2000), dtype)
+  assert norms_triton.resolve_config("rms_norm", "bwd", (7, 2000), dtype) == heur
+  autotune.record("rms_norm.bwd", dims, dtype, {**cfg, "block_rows": 3})  # not a power of 2
+  assert norms_triton.resolve_config("rms_norm", "bwd", dims, dtype) == \
+      norms_triton.heuristic_config("bwd", dims, dtype)
+
+
+def test_autotune_cli_on_cpu(tmp_path, capsys):
+  cache = tmp_path / "c.json"
+  rc = bench.main(["--op=softmax", "--shapes=4x100", "--implementations=triton", "--autotune",
+                   f"--cache={cache}", "--max-configs=1", "--reps=1"])
+  assert rc == 0
+  assert "winners mean nothing for a GPU" in capsys.readouterr().out
+  keys = json.loads(cache.read_text())["entries"]
+  assert {k.split("|")[1] for k in keys} == {"softmax.fwd", "softmax.bwd"}
+
+
+def test_lower_cli(capsys):
+  assert bench.main(["--op=layer_norm", "--lower", "--shapes=100x1000", "--mode=fwd_bwd"]) == 0
+  assert "2 Triton custom call(s)" in capsys.readouterr().out
+
+
+def test_attention_rows(capsys):
+  rc = bench.main(["--op=attention", "--shapes=1x64x2x16", "--implementations=xla",
+                   "--dtype=f32", "--reps=1"])
+  assert rc == 0
+  assert "attention  xla" in capsys.readouterr().out
+
+
+def test_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+  rc = bench.main(["--op=rms_norm", "--shapes=4x16", "--implementations=xla", "--reps=1",
+                   f"--plot={tmp_path / 'p.png'}"])
+  assert rc == 2
+  assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_roofline_table():
+  assert roofline.lookup("NVIDIA H100 80GB HBM3").name == "H100 SXM"
+  assert roofline.lookup("NVIDIA H200").hbm_gbps == 4800.0
+  assert roofline.lookup("NVIDIA A100-SXM4-40GB").name == "A100 40GB"
+  assert roofline.lookup("TPU v5 lite").name == "TPU v5e"
+  assert roofline.lookup("TPU v6 lite").name == "TPU v6e"
+  assert roofline.lookup("TPU v4").name == "TPU v4"
+  assert roofline.lookup("TPU v5p").name == "TPU v5p"
+  assert roofline.lookup("cpu") is None
+  assert roofline.peak_tflops(roofline.lookup("NVIDIA H100 80GB HBM3"), jnp.bfloat16) == 989.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--op=matmul"], "invalid choice: 'matmul'"),
+    (["--op=softmax", "--implementations=xla,cuda"],
+     "unknown implementation 'cuda' for --op=softmax; choose from xla, triton"),
+    (["--op=linear_cross_entropy", "--shapes=8x16"], "'8x16' for --op=linear_cross_entropy must be NxDxV"),
+    (["--op=softmax", "--dtype=int8"], "invalid choice: 'int8'"),
+    (["--op=softmax", "--mode=bwd"], "invalid choice: 'bwd'"),
+    ([], "--op is required"),
+])
+def test_bad_arguments(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    bench.main(argv)
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
