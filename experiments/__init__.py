@@ -32,17 +32,45 @@ def setup_logging():
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     llmx_log.addHandler(handler)
-  llmx_log.setLevel(logging.INFO)
+  # One voice per run: the other processes of a multi-host job report only warnings and errors.
+  import jax
+  llmx_log.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
   llmx_log.propagate = False
 
 
+def _define_distributed_flags():
+  from absl import flags
+  flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for a multi-process "
+                      "run; empty: detected on TPU pods, SLURM and Open MPI, else one process.")
+  flags.DEFINE_integer("num_processes", 0, "Processes in the run (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", -1, "This process's index, 0..num_processes-1.")
+  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                    "auto: join a multi-process run when the flags above are given or a cluster "
+                    "is detected; on: always call jax.distributed.initialize(); off: never.")
+
+
+_define_distributed_flags()
+
+
+def setup_distributed():
+  """Joins the multi-process run the flags (or the cluster) describe; every entry point that uses
+  `run` gets this before its main."""
+  from absl import flags
+  from llmx.train import distributed
+  f = flags.FLAGS
+  distributed.initialize(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+                         process_id=f.process_id, mode=f.distributed)
+
+
 def run(main):
-  """absl's app.run, with errors a user can fix printed as one line and exit status 2."""
+  """absl's app.run, with errors a user can fix printed as one line and exit status 2, after
+  joining the multi-process run if there is one."""
   from absl import app
   from llmx.errors import LlmxError
 
   def checked_main(argv):
     try:
+      setup_distributed()
       return main(argv)
     except LlmxError as e:
       print(f"error: {e}", file=sys.stderr, flush=True)

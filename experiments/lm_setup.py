@@ -6,11 +6,14 @@ import numpy as np
 from flax import nnx
 
 from llmx.data import corpus
+from llmx.data.bpe_tokenizer import BPETokenizer
 from llmx.data.char_tokenizer import CharTokenizer
+from llmx.data.packing import split_packed
+from llmx.models import gpt
 from llmx.models.gpt import GPT, GPTConfig
 from llmx.train import optim
-from llmx.train.config_check import (ConfigError, require_divisible, require_positive,
-                                     require_range)
+from llmx.train.config_check import (ConfigError, require_choice, require_divisible,
+                                     require_positive, require_range)
 
 ATTENTION_IMPLS = ("", "xla", "xla_chunked", "triton", "cudnn", "mosaic_tpu")
 
@@ -28,13 +31,61 @@ def validate(c: ml_collections.ConfigDict):
   if c.model.attention_impl not in ATTENTION_IMPLS:
     raise ConfigError(f"model.attention_impl={c.model.attention_impl!r}: must be one of "
                       f"{', '.join(map(repr, ATTENTION_IMPLS))}")
+  validate_modern(c)
+  validate_scaling(c)
+
+
+def validate_modern(c: ml_collections.ConfigDict):
+  """The tokenizer and the LLaMA-style model switches."""
+  require_choice(c, "data.tokenizer", ("char", "bpe"))
+  if c.data.tokenizer_path and c.data.tokenizer != "bpe":
+    raise ConfigError(f"data.tokenizer_path={c.data.tokenizer_path!r} needs data.tokenizer='bpe' "
+                      f"(got {c.data.tokenizer!r})")
+  if c.data.tokenizer == "bpe" and not c.data.tokenizer_path and c.data.vocab_size < 257:
+    raise ConfigError(f"data.vocab_size={c.data.vocab_size!r}: must be an integer >= 257 (the "
+                      f"256 bytes and an end-of-text token) for a byte-level BPE")
+  require_positive(c, "model.n_kv_head", "model.mlp_hidden", allow_zero=True)
+  if c.model.n_kv_head and c.model.n_head % c.model.n_kv_head:
+    raise ConfigError(f"model.n_head={c.model.n_head} is not divisible by "
+                      f"model.n_kv_head={c.model.n_kv_head}")
+  require_choice(c, "model.positions", gpt.POSITIONS)
+  require_choice(c, "model.norm", gpt.NORMS)
+  require_choice(c, "model.mlp", gpt.MLPS)
+  require_range(c, "model.rope_theta", 0.0, float("inf"), low_open=True)
+  require_range(c, "model.logits_soft_cap", 0.0, float("inf"))
+  require_range(c, "model.attn_logits_soft_cap", 0.0, float("inf"))
+  if c.model.positions == "rope" and (c.model.d_model // c.model.n_head) % 2:
+    raise ConfigError(f"model.positions='rope' needs an even head dim; model.d_model / "
+                      f"model.n_head = {c.model.d_model // c.model.n_head}")
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def validate_scaling(c: ml_collections.ConfigDict):
+  """Mixed precision, rematerialisation, gradient accumulation (the mesh is checked when built)."""
+  from llmx.nn.remat import POLICIES
+  require_choice(c, "model.dtype", COMPUTE_DTYPES)
+  require_choice(c, "model.remat", tuple(POLICIES))
+  require_positive(c, "train.grad_accum_steps")
+  require_divisible(c, "train.batch_size", "train.grad_accum_steps")
+
+
+def compute_dtype(c: ml_collections.ConfigDict):
+  """None for float32 (no casts in the step), else the jnp dtype."""
+  import jax.numpy as jnp
+  return None if c.model.dtype == "float32" else jnp.dtype(c.model.dtype)
 
 
 def load_tokens(c: ml_collections.ConfigDict):
-  """-> (tokenizer, train tokens, val tokens); checks the splits can hold a block."""
+  """-> (tokenizer, train tokens, val tokens); checks the splits can hold a block.
+
+  The text is split by characters (the last val_fraction validates) before a BPE tokenizer is
+  learned on the training part, so every tokenizer sees the same validation text and their
+  losses per character compare.
+  """
   text = corpus.load_text(c.data.path)
-  tokenizer = CharTokenizer.from_text(text)
-  train, val = corpus.split_train_val(tokenizer.encode(text), c.data.val_fraction)
+  tokenizer, train, val = tokenize_splits(c, text)
   for name, split in (("training", train), ("validation", val)):
     if len(split) <= c.model.block_size:
       raise ConfigError(
@@ -44,16 +95,45 @@ def load_tokens(c: ml_collections.ConfigDict):
   return tokenizer, train, val
 
 
+def tokenize_splits(c: ml_collections.ConfigDict, text: str):
+  """-> (tokenizer, train tokens, val tokens) of `text` under the config's tokenizer."""
+  if c.data.tokenizer == "char":
+    tokenizer = CharTokenizer.from_text(text)
+    train, val = corpus.split_train_val(tokenizer.encode(text), c.data.val_fraction)
+    return tokenizer, train, val
+  train_text, val_text = corpus.split_train_val(text, c.data.val_fraction)
+  if c.data.tokenizer_path:
+    tokenizer = BPETokenizer.from_file(c.data.tokenizer_path)
+  else:  # deterministic: a resumed run learns the same tokenizer (checked by must_match)
+    tokenizer = BPETokenizer.train(train_text, c.data.vocab_size)
+  return tokenizer, tokenizer.encode(train_text), tokenizer.encode(val_text)
+
+
+def validation_text(c: ml_collections.ConfigDict) -> str:
+  """The characters of the run's validation split."""
+  return corpus.split_train_val(corpus.load_text(c.data.path), c.data.val_fraction)[1]
+
+
+def tokenizer_from_json(data: dict):
+  """The tokenizer stored in a checkpoint's metadata."""
+  if data.get("type") == "bpe":
+    return BPETokenizer.from_json(data)
+  return CharTokenizer.from_json(data)
+
+
 def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
   m = c.model
   return GPTConfig(vocab_size=vocab_size, block_size=m.block_size, n_layer=m.n_layer,
                    n_head=m.n_head, d_model=m.d_model, dropout=m.dropout, bias=m.bias,
                    tie_embeddings=m.tie_embeddings, gelu_approximate=m.gelu_approximate,
-                   attention_impl=m.attention_impl or None)
+                   attention_impl=m.attention_impl or None, n_kv_head=m.n_kv_head or None,
+                   positions=m.positions, rope_theta=m.rope_theta, norm=m.norm, mlp=m.mlp,
+                   mlp_hidden=m.mlp_hidden or None, logits_soft_cap=m.logits_soft_cap or None,
+                   attn_logits_soft_cap=m.attn_logits_soft_cap or None)
 
 
-def build_model(gpt_config: GPTConfig, seed: int) -> GPT:
-  return GPT(gpt_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+def build_model(gpt_config: GPTConfig, seed: int, remat: str = "none") -> GPT:
+  return GPT(gpt_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1), remat=remat)
 
 
 def build_optimizer(c: ml_collections.ConfigDict):
@@ -66,7 +146,11 @@ def build_optimizer(c: ml_collections.ConfigDict):
 
 
 def lm_loss(model: GPT, batch):
-  """batch: int [batch, block_size + 1] windows; predict each next token."""
+  """batch: int [batch, block_size + 1] windows, or packed rows [batch, 3, block_size + 1]
+  (llmx.data.packing); predict each next token."""
+  if batch.ndim == 3:
+    inputs, targets, positions, segment_ids = split_packed(batch)
+    return model.loss(inputs, targets, positions=positions, segment_ids=segment_ids)
   return model.loss(batch[:, :-1], batch[:, 1:])
 
 
@@ -97,7 +181,7 @@ def restore_for_inference(workdir: str):
   meta = ckpt.latest_meta()
   if meta is None:
     raise ConfigError(f"--workdir={workdir!r}: no checkpoint under {ckpt.directory}")
-  tokenizer = CharTokenizer.from_json(meta["must_match"]["tokenizer"])
+  tokenizer = tokenizer_from_json(meta["must_match"]["tokenizer"])
   gpt_config = gpt_config_from_dict(meta["must_match"]["model"])
   config = ml_collections.ConfigDict(meta["config"])
   tx, _ = build_optimizer(config)

@@ -3,14 +3,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
+from llmx.nn.axes import EMBED, param
 
 
 class LayerNorm(nnx.Module):
   """LayerNorm over the last axis; `use_bias=False` drops the offset (nanoGPT's `bias=False`)."""
 
   def __init__(self, dim: int, *, epsilon: float = 1e-5, use_bias: bool = True):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-    self.offset = nnx.Param(jnp.zeros((dim,), jnp.float32)) if use_bias else None
+    self.scale = param(jnp.ones((dim,), jnp.float32), EMBED)
+    self.offset = param(jnp.zeros((dim,), jnp.float32), EMBED) if use_bias else None
     self.epsilon = epsilon
 
   def __call__(self, x):
@@ -20,7 +21,7 @@ class LayerNorm(nnx.Module):
 
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int, *, epsilon: float = 1e-6):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.scale = param(jnp.ones((dim,), jnp.float32), EMBED)
     self.epsilon = epsilon
 
   def __call__(self, x):

@@ -17,6 +17,8 @@ from flax import nnx
 
 from llmx.errors import LlmxError
 from llmx.train import mesh as mesh_lib
+from llmx.train import metrics as metrics_lib
+from llmx.train import sharding as sharding_lib
 from llmx.train.checkpoint import Checkpointer, config_differences
 from llmx.train.config_check import ConfigError
 from llmx.train.metrics import MetricsWriter
@@ -35,10 +37,12 @@ class LoopOptions:
   eval_every: int = 0           # 0: evaluate only at the end
   checkpoint_every: int = 0     # 0: checkpoint only at the end
   log_every: int = 10
-  max_to_keep: int = 3
+  max_to_keep: int = 3          # the newest checkpoints kept
+  best_metric: str = ""         # also keep the checkpoint with the best value of this metric
+  best_mode: str = "min"        # ... lowest ("min", e.g. val_loss) or highest ("max")
   tokens_per_step: int = 0      # for tokens/s
   flops_per_step: float = 0.0   # analytic model FLOPs of one step, for MFU
-  peak_flops: float = 0.0       # the devices' total peak FLOP/s; 0: no MFU column
+  peak_flops: float = 0.0       # the devices' total peak FLOP/s; 0: looked up (metrics.peak_flops)
 
 
 @dataclasses.dataclass
@@ -51,13 +55,21 @@ class TrainResult:
 
 
 class _Preemption:
-  """SIGTERM (a preempted pod worker) asks the loop to checkpoint and stop at the next step."""
+  """SIGTERM (a preempted pod worker) asks the loop to checkpoint and stop at the next step.
+
+  With several processes, JAX's distributed runtime already listens for SIGTERM and agrees on a
+  step where every process stops (`reached_preemption_sync_point`), so that all of them save the
+  same step; alone, a Python signal handler does it.
+  """
 
   def __init__(self):
-    self.requested = False
+    self._requested = False
     self._previous = None
+    self._multiprocess = jax.process_count() > 1
 
   def __enter__(self):
+    if self._multiprocess:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: leave signals alone
@@ -65,7 +77,16 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
-    self.requested = True
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._multiprocess:
+      from jax.experimental import multihost_utils
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:  # no preemption service in this runtime
+        return False
+    return self._requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -75,51 +96,79 @@ class _Preemption:
 def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches: list,
           workdir: str, meta: dict, options: LoopOptions, mesh: jax.sharding.Mesh | None = None,
           schedule: Callable[[int], float] | None = None,
-          on_eval: Callable[[nnx.Module, int], dict] | None = None) -> TrainResult:
+          on_eval: Callable[[nnx.Module, int], dict] | None = None,
+          rules: dict | None = None) -> TrainResult:
   """Trains for `options.steps` steps, resuming from `workdir/checkpoints` if present.
 
   meta: JSON-serialisable run description saved with every checkpoint. Its `must_match` entry
     (e.g. the model config and tokenizer) must equal the checkpoint's to resume; otherwise the
     differing fields are reported.
-  train_batches[i]: this process's rows of global batch i (numpy); eval_batches: the same,
-    evaluated in full at each evaluation.
+  train_batches[i]: this process's rows of global batch i (numpy, or a pytree of them; see
+    mesh.data_shard); eval_batches: the same, evaluated in full at each evaluation.
+  mesh: default all devices, data parallel. rules: logical axis -> mesh axis for the state
+    (default: sharding.RULES for the mesh's strategy).
   schedule: the learning-rate schedule, logged as `learning_rate`.
   on_eval(model, step): extra evaluation metrics, computed at each evaluation.
+
+  The state is created already sharded (`jax.eval_shape(init)`, then `jax.jit(init,
+  out_shardings=...)`), or restored onto this mesh whatever mesh saved it. Every process runs
+  this function; only process 0 writes metrics.
   """
   mesh = mesh or mesh_lib.make_mesh(devices=jax.devices())
-  ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", max_to_keep=options.max_to_keep)
+  ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", max_to_keep=options.max_to_keep,
+                      best_metric=options.best_metric or None, best_mode=options.best_mode,
+                      clean_up_unfinished=True)
   saved_meta = ckpt.latest_meta()
   if saved_meta is not None:
     diffs = config_differences(saved_meta.get("must_match", {}), meta.get("must_match", {}))
     if diffs:
+      ckpt.close()
       raise ConfigError(f"{workdir} holds a checkpoint made by an incompatible config; "
                         f"differences: {'; '.join(diffs)}. Use another --workdir or the old config.")
 
   replicated = mesh_lib.replicated(mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  state = jax.jit(trainable.init, out_shardings=replicated)()
+  abstract_state = jax.eval_shape(trainable.init)
+  state_sharding = sharding_lib.state_shardings(abstract_state, mesh, rules)
 
   data_iter = iter(train_batches)
   start_step = 0
-  restored = ckpt.restore(jax.eval_shape(lambda: state), data_iter)
+  try:
+    restored = ckpt.restore(sharding_lib.with_shardings(abstract_state, state_sharding), data_iter)
+  except BaseException:
+    ckpt.close()
+    raise
   if restored is not None:
     start_step, state, _ = restored
-    state = jax.device_put(state, replicated)
     log.info("resumed from %s at step %d", ckpt.directory, start_step)
+  else:
+    state = jax.jit(trainable.init, out_shardings=state_sharding)()
+  log.info("%s", sharding_lib.describe(state, mesh))
   if start_step >= options.steps:
     log.info("checkpoint step %d >= train.steps=%d: nothing to train", start_step, options.steps)
 
-  train_step = jax.jit(trainable.train_step, donate_argnums=0)
-  eval_step = jax.jit(trainable.eval_step)
+  # Shardings pinned in and out, so the state keeps its layout step after step; the old state's
+  # buffers are donated to the new one.
+  train_step = jax.jit(trainable.train_step, donate_argnums=0,
+                       in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, replicated))
+  eval_step = jax.jit(trainable.eval_step, in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=replicated)
+  peak_flops = options.peak_flops
+  if options.flops_per_step and not peak_flops:
+    peak_flops = metrics_lib.peak_flops(jax.devices())
   writer = MetricsWriter(workdir, resume_step=start_step)
   history = []
+  eval_arrays = []
 
   def evaluate(step):
+    if not eval_arrays:  # the same batches every time: placed once
+      eval_arrays.extend(mesh_lib.global_batch(b, batch_sharding) for b in eval_batches)
     sums = {}
-    for batch in eval_batches:
-      for name, value in eval_step(state, mesh_lib.global_batch(batch, batch_sharding)).items():
+    for batch in eval_arrays:
+      for name, value in eval_step(state, batch).items():
         sums[name] = sums.get(name, 0.0) + float(value)
-    metrics = {f"val_{k}": v / len(eval_batches) for k, v in sums.items()}
+    metrics = {f"val_{k}": v / len(eval_arrays) for k, v in sums.items()}
     if on_eval is not None:
       metrics.update(on_eval(trainable.model_of(state), step))
     return metrics
@@ -132,9 +181,9 @@ def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches
           f"last good checkpoint (steps {ckpt.steps()} in {ckpt.directory}). Lower "
           f"train.learning_rate or check the data.")
 
-  def save(step):
+  def save(step, logged):
     check_finite()
-    ckpt.save(step, state, meta, data_iter)
+    ckpt.save(step, state, meta, data_iter, metrics=logged)
 
   step, preempted = start_step, False
   interval_start, interval_steps = time.perf_counter(), 0
@@ -146,6 +195,7 @@ def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches
         step += 1
         interval_steps += 1
         is_last = step == options.steps
+        logged = None
         if step % options.log_every == 0 or is_last:
           logged = {k: float(v) for k, v in metrics.items()}
           elapsed = time.perf_counter() - interval_start
@@ -153,8 +203,8 @@ def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches
           if options.tokens_per_step:
             logged["tokens_per_s"] = options.tokens_per_step * interval_steps / elapsed
             logged["tokens_per_s_per_device"] = logged["tokens_per_s"] / jax.device_count()
-          if options.flops_per_step and options.peak_flops:
-            logged["mfu"] = options.flops_per_step * interval_steps / elapsed / options.peak_flops
+          if options.flops_per_step and peak_flops:
+            logged["mfu"] = options.flops_per_step * interval_steps / elapsed / peak_flops
           if schedule is not None:
             logged["learning_rate"] = float(schedule(step - 1))
           check_finite()
@@ -164,19 +214,22 @@ def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches
           history.append({"step": step, **logged})
           log.info("step %d | %s", step, " | ".join(f"{k} {_fmt(v)}" for k, v in logged.items()))
           interval_start, interval_steps = None, 0
-        if options.checkpoint_every and step % options.checkpoint_every == 0 or is_last:
-          save(step)
-        if interval_start is None:  # evaluation and saving stay out of the tokens/s figures
-          interval_start = time.perf_counter()
-        if preemption.requested:
+        saved = options.checkpoint_every and step % options.checkpoint_every == 0 or is_last
+        if saved:
+          save(step, logged)
+        if preemption.reached(step) and not is_last:
           log.warning("SIGTERM received: checkpointing step %d and stopping", step)
-          save(step)
+          if not saved:
+            save(step, logged)
           preempted = True
           break
+        if interval_start is None:  # evaluation and saving stay out of the tokens/s figures
+          interval_start = time.perf_counter()
     finally:
       ckpt.close()
       writer.close()
-  return TrainResult(model=trainable.model_of(state), state=state, step=step, history=history, preempted=preempted)
+  return TrainResult(model=trainable.model_of(state), state=state, step=step, history=history,
+                     preempted=preempted)
 
 
 def _fmt(v: float) -> str:

@@ -1,13 +1,28 @@
-"""Metrics: `metrics.jsonl` (one object per line with `step`) and TensorBoard event files."""
+"""Metrics: `metrics.jsonl` (one object per line with `step`) and TensorBoard event files; the
+devices' peak FLOP/s for MFU."""
+import functools
 import json
+import logging
 import pathlib
+import time
 
 import jax
+import jax.numpy as jnp
+
+log = logging.getLogger("llmx")
+
+# Dense bfloat16 peak FLOP/s per device (spec sheets), matched as substrings of device_kind.
+PEAK_FLOPS_BY_KIND = {
+    "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5": 459e12, "TPU v4": 275e12, "TPU v3": 123e12, "TPU v2": 45e12,
+    "H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+    "L4": 121e12, "A10G": 70e12, "V100": 125e12,
+}
 
 
 class MetricsWriter:
   """Writes on process 0 only; on resume, drops logged lines past the restored step so the
-  curve has no duplicate or orphaned steps."""
+  curve has no duplicate or orphaned steps (and a last line cut short by a kill)."""
 
   def __init__(self, workdir: str, *, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
@@ -18,7 +33,7 @@ class MetricsWriter:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if self.path.exists():
       kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= resume_step]
+              if _step_of(line) is not None and _step_of(line) <= resume_step]
       self.path.write_text("".join(line + "\n" for line in kept))
     from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
     self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
@@ -35,3 +50,38 @@ class MetricsWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def _step_of(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def peak_flops(devices) -> float:
+  """Total peak FLOP/s of `devices`: the spec sheet's dense bf16 figure for known accelerators;
+  on CPU, the measured rate of a float32 matmul on this host per process (simulated CPU devices
+  share the host's cores). 0.0 when unknown."""
+  devices = list(devices)
+  kind = devices[0].device_kind
+  if devices[0].platform == "cpu":
+    return _host_matmul_flops() * len({d.process_index for d in devices})
+  for name, flops in PEAK_FLOPS_BY_KIND.items():
+    if name.lower() in kind.lower():
+      return flops * len(devices)
+  log.info("no peak FLOP/s known for %r: no MFU column", kind)
+  return 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def _host_matmul_flops(n: int = 1024, repeats: int = 3) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best

@@ -20,7 +20,7 @@ LossFn = Callable[[nnx.Module, Any], Any]
 @dataclasses.dataclass(frozen=True)
 class Trainable:
   init: Callable[[], dict]                      # -> state; must hold `step` and `nonfinite_step`
-  train_step: Callable[[dict, Any], tuple]      # (state, batch) -> (state, {name: scalar})
+  train_step: Callable[[dict, Any], tuple]      # (state, batch) -> (state like init's, {name: scalar})
   eval_step: Callable[[dict, Any], dict]        # (state, batch) -> {name: scalar}
   model_of: Callable[[dict], nnx.Module]        # state -> the model in eval mode
 
@@ -35,26 +35,85 @@ def track_nonfinite(state, loss):
   return jnp.where(bad, state["step"] + 1, state["nonfinite_step"])
 
 
-def supervised(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: LossFn) -> Trainable:
+def cast_floats(tree, dtype):
+  """Floating-point leaves of `tree` in `dtype` (mixed precision: float32 params, bf16 compute)."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def microbatches(batch, k: int):
+  """[B, ...] -> [k, B / k, ...]; micro-batch i holds rows i, i + k, i + 2k, ... so that, with
+  the batch split over devices along B, every device holds an equal share of each micro-batch
+  and no rows move between devices."""
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} micro-batches")
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientTransformation,
+               loss_fn: LossFn, *, grad_accum_steps: int = 1, compute_dtype=None) -> Trainable:
   """One model, one optimizer, gradient descent on `loss_fn`. State = {params, rest (RNG streams
-  and other non-parameter variables), opt_state, step, nonfinite_step}."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  model.eval()
-  eval_graphdef = nnx.split(model)[0]
-  model.train()
+  and other non-parameter variables), opt_state, step, nonfinite_step}.
+
+  model: the model, or a function that builds it. With a function, `init` builds the model, so
+    the loop's `jax.jit(init, out_shardings=...)` creates every parameter directly in its shards
+    (no device ever holds the whole model); with a module, `init` returns its arrays.
+  grad_accum_steps: each step averages the gradients of this many micro-batches of the batch
+    (`lax.scan`, one optimizer update), for batches larger than memory allows.
+  compute_dtype: e.g. jnp.bfloat16: the forward and backward passes run on a copy of the params
+    in this dtype; the params, their gradients and the optimizer state stay float32.
+  """
+  if grad_accum_steps < 1:
+    raise ValueError(f"grad_accum_steps={grad_accum_steps}: must be >= 1")
+  build = None if isinstance(model, nnx.Module) else model
+  template = model if build is None else nnx.eval_shape(build)
+  graphdef, params, rest = nnx.split(template, nnx.Param, ...)
+  template.eval()
+  eval_graphdef = nnx.split(template)[0]
+  template.train()
 
   def init():
-    return dict(params=params, rest=rest, opt_state=tx.init(params),
+    p, r = params, rest
+    if build is not None:
+      _, p, r = nnx.split(build(), nnx.Param, ...)
+    return dict(params=p, rest=r, opt_state=tx.init(p),
                 step=jnp.zeros((), jnp.int32), nonfinite_step=jnp.full((), -1, jnp.int32))
 
-  def train_step(state, batch):
+  def loss_and_grads(params, rest, batch):
     def loss_of(params):
       # copy=True: fresh Variables at this trace level, so dropout may advance its RNG counters.
-      model = nnx.merge(graphdef, params, state["rest"], copy=True)
+      model = nnx.merge(graphdef, cast_floats(params, compute_dtype), rest, copy=True)
       loss, aux = _split_aux(loss_fn(model, batch))
-      return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))  # carry the advanced counters
+      return loss.astype(jnp.float32), (aux, nnx.state(model, nnx.Not(nnx.Param)))  # the advanced counters
 
-    (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    return loss, aux, rest, grads
+
+  def accumulated(params, rest, batch):
+    """The mean loss, metrics and gradients of `grad_accum_steps` micro-batches."""
+    micro = microbatches(batch, grad_accum_steps)
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(loss_and_grads, params, rest, first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1], shapes[3]))
+
+    def body(carry, mb):
+      loss_sum, aux_sum, grads_sum, rest = carry
+      loss, aux, rest, grads = loss_and_grads(params, rest, mb)
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)
+      return (loss_sum + loss, add(aux_sum, aux), add(grads_sum, grads), rest), None
+
+    (loss, aux, grads, rest), _ = jax.lax.scan(body, (*zeros, rest), micro)
+    mean = lambda t: jax.tree.map(lambda x: x / grad_accum_steps, t)
+    return mean(loss), mean(aux), rest, mean(grads)
+
+  def train_step(state, batch):
+    if grad_accum_steps == 1:
+      loss, aux, rest, grads = loss_and_grads(state["params"], state["rest"], batch)
+    else:
+      loss, aux, rest, grads = accumulated(state["params"], state["rest"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = dict(params=optax.apply_updates(state["params"], updates), rest=rest,
                      opt_state=opt_state, step=state["step"] + 1,
@@ -62,8 +121,9 @@ def supervised(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Los
     return new_state, dict(train_loss=loss, grad_norm=optax.global_norm(grads), **aux)
 
   def eval_step(state, batch):
-    loss, aux = _split_aux(loss_fn(model_of(state), batch))
-    return dict(loss=loss, **aux)
+    model = nnx.merge(eval_graphdef, cast_floats(state["params"], compute_dtype), state["rest"])
+    loss, aux = _split_aux(loss_fn(model, batch))
+    return dict(loss=loss.astype(jnp.float32), **aux)
 
   def model_of(state):
     return nnx.merge(eval_graphdef, state["params"], state["rest"])

@@ -1,0 +1,79 @@
+r"""Times greedy generation with the KV cache against the uncached loop, and checks they agree.
+
+  python -m experiments.bench_generation --config=experiments/configs/lm.py:nanogpt_baby \
+      --new_tokens=512
+  python -m experiments.bench_generation --workdir=/tmp/baby   # a trained model instead
+
+The model is the config's (randomly initialised, with block_size = prompt + new tokens so both
+paths stay inside the context) or the one in --workdir. The uncached loop re-reads the whole
+context window through the model for every new token; the cached one runs one prefill, then one
+token per step against the cache. Both are compiled before timing; each is timed over several
+rounds and the median reported (the machine is shared and drifts).
+"""
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import lm_setup, run, setup_logging
+from llmx.generation import generate_batch, generate_uncached
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/lm.py:nanogpt_baby", "LM config.")
+_WORKDIR = flags.DEFINE_string("workdir", "", "Run folder of a trained model; empty: a random "
+                               "model of --config.")
+_NEW = flags.DEFINE_integer("new_tokens", 512, "Tokens to generate.")
+_PROMPT = flags.DEFINE_integer("prompt_tokens", 16, "Prompt length (random tokens).")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per path; the median is reported.")
+
+
+def timed(fn, rounds: int) -> tuple[np.ndarray, float]:
+  out = fn()  # compile and warm up
+  seconds = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    out = fn()
+    seconds.append(time.perf_counter() - start)
+  return out, statistics.median(seconds)
+
+
+def main(argv):
+  del argv
+  setup_logging()
+  if _WORKDIR.value:
+    model, _, _, _ = lm_setup.restore_for_inference(_WORKDIR.value)
+  else:
+    c = _CONFIG.value
+    c.model.block_size = _PROMPT.value + _NEW.value
+    lm_setup.validate(c)
+    model = lm_setup.build_model(lm_setup.model_config(c, vocab_size=c.data.vocab_size
+                                                       if c.data.tokenizer == "bpe" else 65), 0)
+    model.eval()
+  context = model.config.block_size
+  if _PROMPT.value + _NEW.value > context:
+    raise ValueError(f"prompt_tokens + new_tokens = {_PROMPT.value + _NEW.value} exceeds the "
+                     f"model's block_size={context}")
+  prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, _PROMPT.value)
+  prompt = prompt.astype(np.int32)
+
+  uncached, uncached_s = timed(
+      lambda: generate_uncached(model, prompt, max_new_tokens=_NEW.value,
+                                block_size=_PROMPT.value + _NEW.value), _ROUNDS.value)
+  cached, cached_s = timed(
+      lambda: generate_batch(model, [prompt], max_new_tokens=_NEW.value, temperature=0).tokens[0],
+      _ROUNDS.value)
+  same = np.array_equal(uncached, cached)
+  first_diff = None if same else int(np.argmax(uncached != cached))
+  print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}")
+  print(f"model: {model.config.n_layer} layers x {model.config.d_model}, context {context}, "
+        f"vocab {model.config.vocab_size}; prompt {_PROMPT.value} tokens, {_NEW.value} new, greedy")
+  print(f"uncached: {uncached_s:.3f} s  ({_NEW.value / uncached_s:,.0f} tokens/s)")
+  print(f"cached:   {cached_s:.3f} s  ({_NEW.value / cached_s:,.0f} tokens/s)")
+  print(f"speed-up: {uncached_s / cached_s:.1f}x")
+  print(f"identical tokens: {same}" + ("" if same else f" (first difference at {first_diff})"))
+
+
+if __name__ == "__main__":
+  run(main)
