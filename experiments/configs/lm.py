@@ -57,7 +57,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
       eval_every=250, eval_batches=50, checkpoint_every=500, log_every=50,
       max_checkpoints=3, seed=0,
-      keep_best_metric="",    # e.g. "val_loss": also keep the checkpoint with its lowest value
+      keep_best_metric="",    # "val_loss": also keep the checkpoint where it was lowest
       grad_accum_steps=1,     # micro-batches per step (batch_size is the whole step's batch)
   ))
   # Devices: data x fsdp x tensor = all devices (one size -1: the rest). fsdp > 1 shards params and

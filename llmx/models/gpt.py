@@ -362,10 +362,12 @@ def from_pretrained(path, *, seed: int = 0, **overrides) -> GPT:
   return model
 
 
-def save_pretrained(model: GPT, path) -> None:
+def save_pretrained(model: GPT, path, *, eos_token_id: int | None = None) -> None:
   """Writes `model` as a Hugging Face GPT-2 folder (config.json + model.safetensors) that
   transformers' GPT2LMHeadModel.from_pretrained loads. A model without biases gets zero biases
-  (the same function); modern options that GPT-2 cannot express are refused."""
+  (the same function); modern options that GPT-2 cannot express are refused.
+  eos_token_id: the end-of-text id (GPT-2 uses it as bos too); None writes null rather than
+  GPT-2's 50256, which is outside a small vocabulary."""
   from safetensors.numpy import save_file
 
   c = model.config
@@ -395,5 +397,6 @@ def save_pretrained(model: GPT, path) -> None:
             layer_norm_epsilon=c.layer_norm_epsilon, tie_word_embeddings=c.tie_embeddings,
             resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
             scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
-            reorder_and_upcast_attn=False, dtype="float32")
+            reorder_and_upcast_attn=False, dtype="float32", bos_token_id=eos_token_id,
+            eos_token_id=eos_token_id)
   (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
