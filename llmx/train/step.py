@@ -42,6 +42,16 @@ def cast_floats(tree, dtype):
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def compute_in(model: nnx.Module, dtype) -> nnx.Module:
+  """Layers that fixed a computation dtype when built (nnx.Embed takes its table's float32)
+  compute in `dtype`; the others follow their (cast) params. The model is a fresh merge."""
+  if dtype is not None:
+    for _, module in nnx.iter_modules(model):
+      if getattr(module, "dtype", None) is not None and jnp.issubdtype(module.dtype, jnp.floating):
+        module.dtype = dtype
+  return model
+
+
 def microbatches(batch, k: int):
   """[B, ...] -> [k, B / k, ...]; micro-batch i holds rows i, i + k, i + 2k, ... so that, with
   the batch split over devices along B, every device holds an equal share of each micro-batch
@@ -86,7 +96,7 @@ def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientT
     def loss_of(params):
       # copy=True: fresh Variables at this trace level, so dropout may advance its RNG counters.
       model = nnx.merge(graphdef, cast_floats(params, compute_dtype), rest, copy=True)
-      loss, aux = _split_aux(loss_fn(model, batch))
+      loss, aux = _split_aux(loss_fn(compute_in(model, compute_dtype), batch))
       return loss.astype(jnp.float32), (aux, nnx.state(model, nnx.Not(nnx.Param)))  # the advanced counters
 
     (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
@@ -122,7 +132,7 @@ def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientT
 
   def eval_step(state, batch):
     model = nnx.merge(eval_graphdef, cast_floats(state["params"], compute_dtype), state["rest"])
-    loss, aux = _split_aux(loss_fn(model, batch))
+    loss, aux = _split_aux(loss_fn(compute_in(model, compute_dtype), batch))
     return dict(loss=loss.astype(jnp.float32), **aux)
 
   def model_of(state):
