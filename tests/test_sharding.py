@@ -117,6 +117,23 @@ def test_mesh_shape_resolves_the_rest_and_batch_checks():
     check_batch_size(mesh, 12, grad_accum_steps=5)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (dict(model=dict(dtype="float8")), r"model.dtype='float8': must be one of 'float32', 'bfloat16'"),
+    (dict(model=dict(remat="some")), r"model.remat='some': must be one of 'none', 'full', 'dots'"),
+    (dict(train=dict(grad_accum_steps=0)), r"train.grad_accum_steps=0: must be an integer > 0"),
+    (dict(train=dict(batch_size=6, grad_accum_steps=4)),
+     r"train.batch_size=6 is not divisible by train.grad_accum_steps=4"),
+])
+def test_scaling_config_errors(overrides, message):
+  from experiments import lm_setup
+  from experiments.configs import lm as lm_config
+  c = lm_config.get_config("smoke")
+  for section, values in overrides.items():
+    c[section].update(values)
+  with pytest.raises(ConfigError, match=message):
+    lm_setup.validate(c)
+
+
 def test_microbatches_interleave_rows():
   batch = np.arange(12)[:, None] * np.ones((1, 3), int)
   micro = microbatches(batch, 3)
@@ -168,8 +185,10 @@ def test_mixed_precision_keeps_float32_params_and_computes_in_bfloat16():
   bf16 = supervised(_build_small, optim.adamw(1e-3), lm_loss, compute_dtype=jnp.bfloat16)
   # The train step's program: matmuls in bf16, the new params and optimizer state in float32.
   jaxpr = jax.make_jaxpr(bf16.train_step)(f32_state, batches[0])
-  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-  assert dots and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in dots)
+  dots = [[v.aval.dtype for v in e.invars] for e in jaxpr.jaxpr.eqns
+          if e.primitive.name == "dot_general"]
+  assert len(dots) > 10 and all(jnp.bfloat16 in operands for operands in dots), dots
+  assert sum(operands == [jnp.bfloat16] * 2 for operands in dots) >= 10  # the dense layers
   new_state, _ = jax.eval_shape(bf16.train_step, f32_state, batches[0])
   floats = [x.dtype for x in jax.tree.leaves((new_state["params"], new_state["opt_state"]))
             if jnp.issubdtype(x.dtype, jnp.floating)]
