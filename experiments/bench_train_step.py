@@ -19,24 +19,15 @@ from ml_collections import config_flags
 from experiments import lm_setup, run
 from llmx.data.lm_windows import lm_batches
 from llmx.models.gpt import flops_per_token, num_params
+from llmx.train import metrics as metrics_lib
 from llmx.train.step import supervised
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/lm.py:nanogpt_baby", "LM config.")
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/lm.py:nanogpt_baby",
+                                          "LM config.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds; the median round is reported.")
-_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s; 0: measure a matmul.")
-
-
-def measured_matmul_flops(n: int = 2048, repeats: int = 10) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s; 0: the spec sheet's "
+                           "(accelerators) or a measured float32 matmul (CPU).")
 
 
 def main(argv):
@@ -69,15 +60,18 @@ def main(argv):
   n_params = num_params(model)
   tokens = c.train.batch_size * c.model.block_size
   flops = tokens * flops_per_token(gpt_config, n_params, c.model.block_size)
-  peak = _PEAK.value * 1e12 if _PEAK.value else measured_matmul_flops()
-  peak_kind = "spec peak" if _PEAK.value else "measured f32 matmul"
+  peak = _PEAK.value * 1e12 if _PEAK.value else metrics_lib.peak_flops(jax.devices())
+  peak_kind = ("given peak" if _PEAK.value else
+               "measured f32 matmul" if jax.devices()[0].platform == "cpu" else "spec sheet peak")
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}")
   print(f"model: {n_params / 1e6:.2f}M params, batch {c.train.batch_size} x {c.model.block_size} tokens")
   print(f"rounds (ms/step): {', '.join(f'{r:.1f}' for r in round_ms)}")
   print(f"ms/step (median): {ms:.2f}")
   print(f"tokens/s:         {tokens / ms * 1e3:,.0f}")
   print(f"model GFLOP/step: {flops / 1e9:.3f}  achieved {flops / ms / 1e6:.1f} GFLOP/s")
-  print(f"MFU:              {flops / (ms / 1e3) / peak:.1%} of {peak / 1e9:.0f} GFLOP/s ({peak_kind})")
+  if peak:
+    print(f"MFU:              {flops / (ms / 1e3) / peak:.1%} of {peak / 1e9:.0f} GFLOP/s "
+          f"({peak_kind})")
   print(f"final loss:       {float(metrics['train_loss']):.4f}")
   assert np.isfinite(float(metrics["train_loss"]))
 

@@ -207,8 +207,10 @@ def test_damaged_and_incomplete_checkpoints_are_reported_and_the_previous_one_us
   with caplog.at_level("ERROR", logger="llmx"):
     resumed = train(work, 8)
   errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-  # orbax itself reads the rotten bytes without complaint: the fingerprints catch them
-  assert any(m.startswith("checkpoint 6 in ") and "do not match the fingerprints" in m
+  # Where the rot lands decides who notices: TensorStore (a compressed chunk or an index node that
+  # no longer decodes) or the fingerprints (bytes that decode to other numbers).
+  assert any(m.startswith("checkpoint 6 in ") and ("damaged or incomplete" in m
+                                                    or "do not match the fingerprints" in m)
              for m in errors), errors
   assert any(m.startswith("checkpoint 4 in ") and "damaged or incomplete" in m for m in errors), errors
   assert sorted(p.name.split("-")[0] for p in (work / "damaged_checkpoints").iterdir()) == ["4", "6"]
@@ -217,6 +219,24 @@ def test_damaged_and_incomplete_checkpoints_are_reported_and_the_previous_one_us
   for a, b in zip(state_leaves(reference.state), state_leaves(resumed.state), strict=True):
     np.testing.assert_array_equal(a, b)
   assert Checkpointer(ckpts).steps() == [4, 6, 8]
+
+
+def test_arrays_that_read_back_changed_are_caught_by_the_fingerprints(tmp_path, caplog):
+  """Bytes that still decode, to other numbers, pass every check of orbax's own: only the
+  fingerprints written beside the arrays catch them. Here the record, not the array, is changed,
+  so the arrays read back cleanly and differ from what the record says."""
+  train(tmp_path, 4)
+  record = tmp_path / "checkpoints" / "4" / "integrity" / "metadata"
+  integrity = json.loads(record.read_text())
+  integrity["fingerprints"][-1] ^= 1
+  record.write_text(json.dumps(integrity))
+  with caplog.at_level("ERROR", logger="llmx"):
+    resumed = train(tmp_path, 4)
+  errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+  assert any(m.startswith("checkpoint 4 in ") and "do not match the fingerprints" in m
+             for m in errors), errors
+  assert resumed.history[0]["step"] == 4  # retrained from step 2 rather than loading step 4
+  assert [p.name.split("-")[0] for p in (tmp_path / "damaged_checkpoints").iterdir()] == ["4"]
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):

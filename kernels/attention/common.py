@@ -18,6 +18,7 @@ Semantics (the same as ``jax.nn.dot_product_attention`` where the arguments over
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -198,3 +199,38 @@ def round_up(x: int, m: int) -> int:
 
 def next_power_of_2(x: int) -> int:
   return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def flash_with_vjp(forward, backward):
+  """A flash-attention op differentiated by its own backward pass.
+
+  ``forward(*arrays, c) -> (out, lse)`` and ``backward(*arrays, out, lse, do, c) -> grads``, where
+  ``arrays`` are q, k, v followed by the optional bias, mask and segment ids, ``c`` is the static
+  (hashable) configuration, and ``grads`` covers the leading arrays (q, k, v and a bias); the
+  masks and segment ids that follow get no gradient. Returns ``flash(c, *arrays) -> out``, which
+  saves only the inputs, the output and the log-sum-exp for the backward pass.
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def flash(c, *arrays):
+    return forward(*arrays, c)[0]
+
+  def flash_fwd(c, *arrays):
+    out, lse = forward(*arrays, c)
+    return out, (arrays, out, lse)
+
+  def flash_bwd(c, residuals, do):
+    arrays, out, lse = residuals
+    grads = tuple(backward(*arrays, out, lse, do, c))
+    return grads + (None,) * (len(arrays) - len(grads))
+
+  flash.defvjp(flash_fwd, flash_bwd)
+  return flash
+
+
+def pad_axis(x, axis: int, size: int, *, broadcast: bool = False):
+  """Zero-pads ``axis`` to ``size``; ``broadcast``: a length-1 axis (bias/mask) stays as is."""
+  if x is None or x.shape[axis] == size or (broadcast and x.shape[axis] == 1):
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad)

@@ -362,32 +362,9 @@ def _backward(q, k, v, mask, qseg, kseg, out, lse, do, c: _Static):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _flash(q, k, v, mask, qseg, kseg, c: _Static):
-  return _forward(q, k, v, mask, qseg, kseg, c)[0]
+_flash = common.flash_with_vjp(_forward, _backward)
 
 
-def _flash_fwd(q, k, v, mask, qseg, kseg, c: _Static):
-  out, lse = _forward(q, k, v, mask, qseg, kseg, c)
-  return out, (q, k, v, mask, qseg, kseg, out, lse)
-
-
-def _flash_bwd(c: _Static, res, do):
-  q, k, v, mask, qseg, kseg, out, lse = res
-  dq, dk, dv = _backward(q, k, v, mask, qseg, kseg, out, lse, do, c)
-  return dq, dk, dv, None, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def _pad_axis(x, axis: int, size: int, *, broadcast: bool = False):
-  """Zero-pads ``axis`` to ``size``; ``broadcast``: a length-1 axis (mask) stays as is."""
-  if x is None or x.shape[axis] == size or (broadcast and x.shape[axis] == 1):
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad)
 
 
 def attention(query, key, value, bias=None, mask=None, query_segment_ids=None,
@@ -408,22 +385,23 @@ def attention(query, key, value, bias=None, mask=None, query_segment_ids=None,
   bs.validate()
   dp = mc.round_up(d, _LANES)
   tp, sp = mc.round_up(t, bs.block_q), mc.round_up(s_len, bs.block_k)
-  head_major = lambda x, length: _pad_axis(_pad_axis(jnp.swapaxes(x, 1, 2), 3, dp), 2, length)
+  pad = common.pad_axis
+  head_major = lambda x, length: pad(pad(jnp.swapaxes(x, 1, 2), 3, dp), 2, length)
   q, k, v = head_major(query, tp), head_major(key, sp), head_major(value, sp)
   if mask is not None:
-    mask = _pad_axis(_pad_axis(mask.astype(jnp.int8), 2, tp, broadcast=True), 3, sp,
-                     broadcast=True)
+    mask = common.pad_axis(common.pad_axis(mask.astype(jnp.int8), 2, tp, broadcast=True), 3, sp,
+                           broadcast=True)
   qseg = kseg = None
   if query_segment_ids is not None:
-    qseg = jnp.broadcast_to(_pad_axis(query_segment_ids, 1, tp)[:, :, None], (b, tp, _LANES))
-    kseg = jnp.broadcast_to(_pad_axis(kv_segment_ids, 1, sp)[:, None, :],
+    qseg = jnp.broadcast_to(common.pad_axis(query_segment_ids, 1, tp)[:, :, None], (b, tp, _LANES))
+    kseg = jnp.broadcast_to(common.pad_axis(kv_segment_ids, 1, sp)[:, None, :],
                             (b, _SEG_SUBLANES, sp))
   c = _Static(scale=float(scale), window=window, soft_cap=soft_cap, kv_len=s_len,
               kv_padded=sp != s_len, groups=n // kh, block_q=bs.block_q, block_k=bs.block_k,
               num_q_blocks=tp // bs.block_q, num_k_blocks=sp // bs.block_k,
               mask_bcast=None if mask is None else tuple(a > 1 for a in mask.shape),
               has_seg=qseg is not None, interpret=bool(interpret))
-  out = _flash(q, k, v, mask, qseg, kseg, c)
+  out = _flash(c, q, k, v, mask, qseg, kseg)
   return jnp.swapaxes(out[:, :, :t, :d], 1, 2)
 
 

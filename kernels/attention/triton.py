@@ -459,32 +459,9 @@ def _backward(q, k, v, bias, mask, qseg, kseg, out, lse, do, c: _Static):
   return dq, dk, dv, dbias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _flash(q, k, v, bias, mask, qseg, kseg, c: _Static):
-  return _forward(q, k, v, bias, mask, qseg, kseg, c)[0]
+_flash = common.flash_with_vjp(_forward, _backward)
 
 
-def _flash_fwd(q, k, v, bias, mask, qseg, kseg, c: _Static):
-  out, lse = _forward(q, k, v, bias, mask, qseg, kseg, c)
-  return out, (q, k, v, bias, mask, qseg, kseg, out, lse)
-
-
-def _flash_bwd(c: _Static, res, do):
-  q, k, v, bias, mask, qseg, kseg, out, lse = res
-  dq, dk, dv, dbias = _backward(q, k, v, bias, mask, qseg, kseg, out, lse, do, c)
-  return dq, dk, dv, dbias, None, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def _pad_to(x, axis: int, size: int, *, broadcast: bool = False):
-  """Zero-pads ``axis`` to ``size``; ``broadcast``: a length-1 axis (bias/mask) stays as is."""
-  if x is None or x.shape[axis] == size or (broadcast and x.shape[axis] == 1):
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad)
 
 
 def attention(query, key, value, bias=None, mask=None, query_segment_ids=None,
@@ -504,17 +481,17 @@ def attention(query, key, value, bias=None, mask=None, query_segment_ids=None,
   dp = max(_MIN_BLOCK, common.next_power_of_2(d))
   tp = common.round_up(t, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
   sp = common.round_up(s_len, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
-  q = _pad_to(_pad_to(query, 3, dp), 1, tp)
-  k = _pad_to(_pad_to(key, 3, dp), 1, sp)
-  v = _pad_to(_pad_to(value, 3, dp), 1, sp)
+  q = common.pad_axis(common.pad_axis(query, 3, dp), 1, tp)
+  k = common.pad_axis(common.pad_axis(key, 3, dp), 1, sp)
+  v = common.pad_axis(common.pad_axis(value, 3, dp), 1, sp)
   if bias is not None:
-    bias = _pad_to(_pad_to(bias, 2, tp, broadcast=True), 3, sp, broadcast=True)
+    bias = common.pad_axis(common.pad_axis(bias, 2, tp, broadcast=True), 3, sp, broadcast=True)
   if mask is not None:
     # Triton loads bytes, not i1.
-    mask = _pad_to(_pad_to(mask.astype(jnp.int8), 2, tp, broadcast=True), 3, sp,
+    mask = common.pad_axis(common.pad_axis(mask.astype(jnp.int8), 2, tp, broadcast=True), 3, sp,
                    broadcast=True)
-  qseg = _pad_to(query_segment_ids, 1, tp)
-  kseg = _pad_to(kv_segment_ids, 1, sp)
+  qseg = common.pad_axis(query_segment_ids, 1, tp)
+  kseg = common.pad_axis(kv_segment_ids, 1, sp)
 
   def bcast(x):
     return None if x is None else tuple(a > 1 for a in x.shape)
@@ -522,7 +499,7 @@ def attention(query, key, value, bias=None, mask=None, query_segment_ids=None,
   c = _Static(scale=float(scale), window=window, soft_cap=soft_cap, q_len=t, kv_len=s_len,
               kv_padded=sp != s_len, head_dim=d, groups=n // kh, blocks=bs, bias_bcast=bcast(bias),
               mask_bcast=bcast(mask), interpret=bool(interpret))
-  out = _flash(q, k, v, bias, mask, qseg, kseg, c)
+  out = _flash(c, q, k, v, bias, mask, qseg, kseg)
   return out[:, :t, :, :d]
 
 

@@ -18,7 +18,6 @@ heads share kv head K), tiles of logits ``[B, K, G, bq, bk]``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -192,32 +191,9 @@ def _backward(q, k, v, bias, mask, qseg, kseg, out, lse, do, c: _Static):
   return dq.astype(q.dtype), dk, dv, None if bias is None else dbias.astype(bias.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _flash(q, k, v, bias, mask, qseg, kseg, c: _Static):
-  return _forward(q, k, v, bias, mask, qseg, kseg, c)[0]
+_flash = common.flash_with_vjp(_forward, _backward)
 
 
-def _flash_fwd(q, k, v, bias, mask, qseg, kseg, c: _Static):
-  out, lse = _forward(q, k, v, bias, mask, qseg, kseg, c)
-  return out, (q, k, v, bias, mask, qseg, kseg, out, lse)
-
-
-def _flash_bwd(c: _Static, res, do):
-  q, k, v, bias, mask, qseg, kseg, out, lse = res
-  dq, dk, dv, dbias = _backward(q, k, v, bias, mask, qseg, kseg, out, lse, do, c)
-  return dq, dk, dv, dbias, None, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def _pad_axis(x, axis: int, size: int, *, broadcast: bool = False):
-  """Zero-pads ``axis`` to ``size``; ``broadcast``: a length-1 axis (bias/mask) stays as is."""
-  if x is None or x.shape[axis] == size or (broadcast and x.shape[axis] == 1):
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad)
 
 
 def attention(query, key, value, bias=None, mask=None, query_segment_ids=None,
@@ -237,19 +213,19 @@ def attention(query, key, value, bias=None, mask=None, query_segment_ids=None,
   tp, sp = common.round_up(t, bq), common.round_up(s_len, bk)
   # Ragged lengths: pad to whole blocks outside the custom_vjp (JAX differentiates the pad and
   # the final slice); padded keys are hidden by the kv_len mask, padded query rows dropped.
-  q = _pad_axis(query.reshape(b, t, kh, g, d), 1, tp)
-  k, v = _pad_axis(key, 1, sp), _pad_axis(value, 1, sp)
+  q = common.pad_axis(query.reshape(b, t, kh, g, d), 1, tp)
+  k, v = common.pad_axis(key, 1, sp), common.pad_axis(value, 1, sp)
   bias = grouped_bias(bias, kh)
   mask = grouped_bias(mask, kh)
-  bias = _pad_axis(_pad_axis(bias, 3, tp, broadcast=True), 4, sp, broadcast=True)
-  mask = _pad_axis(_pad_axis(mask, 3, tp, broadcast=True), 4, sp, broadcast=True)
-  qseg = _pad_axis(query_segment_ids, 1, tp)
-  kseg = _pad_axis(kv_segment_ids, 1, sp)
+  bias = common.pad_axis(common.pad_axis(bias, 3, tp, broadcast=True), 4, sp, broadcast=True)
+  mask = common.pad_axis(common.pad_axis(mask, 3, tp, broadcast=True), 4, sp, broadcast=True)
+  qseg = common.pad_axis(query_segment_ids, 1, tp)
+  kseg = common.pad_axis(kv_segment_ids, 1, sp)
   c = _Static(scale=float(scale), window=window, soft_cap=soft_cap, q_len=t, kv_len=s_len,
               block_q=bq, block_k=bk,
               bias_shape=None if bias is None else bias.shape,
               mask_shape=None if mask is None else mask.shape)
-  out = _flash(q, k, v, bias, mask, qseg, kseg, c)
+  out = _flash(c, q, k, v, bias, mask, qseg, kseg)
   return out[:, :t].reshape(b, t, n, d)
 
 
