@@ -1,5 +1,7 @@
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -14,3 +16,13 @@ def data_dir() -> pathlib.Path:
   if not (path / "tinyshakespeare.txt").is_file():
     pytest.fail(f"LLMX_DATA_DIR={path} does not hold tinyshakespeare.txt (see shared/data/README.md)")
   return path
+
+
+def cli(*args, check=True) -> subprocess.CompletedProcess:
+  """Runs `python -m *args` from the repo on CPU; with check, a non-zero exit fails the test with
+  the end of its output."""
+  proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  if check and proc.returncode:
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  return proc

@@ -1,33 +1,20 @@
 """BERT experiments as a user runs them: pretraining with resume, fine-tuning on each task."""
 import json
-import os
-import subprocess
-import sys
 
-import ml_collections
 import numpy as np
 import pytest
 
 from experiments import bert_setup, finetune_bert
 from experiments.configs import bert as bert_config
 from experiments.configs import finetune as finetune_config
-from llmx.data.corpus import DataError
 from llmx.data.wordpiece import WordPieceTokenizer
 from llmx.models import bert_hf
 from llmx.models.bert import BertConfig, BertModel
 from llmx.train.config_check import ConfigError
-from tests.conftest import REPO
+from tests.conftest import cli
 
 WORDS = ("alpha beta gamma delta kappa sigma omega river stone cloud light shadow north south "
          "east west quick slow bright dark").split()
-
-
-def cli(*args, check=True):
-  proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  if check and proc.returncode:
-    raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-  return proc
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Byte-level BPE tokenizer and packed rows with segment ids."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ The reference is ../shared/reference/gpt2_tiny (a random GPT-2 saved by transfor
 gpt2_tiny_public.npz (its logits, hidden states and greedy continuation computed with PyTorch).
 """
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp

@@ -1,23 +1,12 @@
 """The LM experiment from the command line, as a user runs it."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from experiments import lm_setup
 from experiments.configs import lm as lm_config
 from llmx.train.config_check import ConfigError
-from tests.conftest import REPO
-
-
-def cli(*args, check=True):
-  proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  if check and proc.returncode:
-    raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-  return proc
+from tests.conftest import cli
 
 
 def test_pretrain_resume_and_generate(tmp_path, data_dir):

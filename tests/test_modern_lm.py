@@ -1,7 +1,4 @@
 """The LLaMA-style switches of the GPT model: RoPE, GQA, RMSNorm, SwiGLU, soft-capping, configs."""
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +13,7 @@ from llmx.models.gpt import GPT, GPTConfig, num_params
 from llmx.nn.mlp import SwiGLU
 from llmx.nn.rope import apply_rope
 from llmx.train.config_check import ConfigError
-from tests.conftest import REPO
+from tests.conftest import cli
 
 VOCAB = 43
 LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False,
@@ -166,14 +163,6 @@ def test_llama_tiny_matches_the_gpt2_style_baseline_in_size():
   n_llama = num_params(nnx.eval_shape(lambda: GPT(llama, rngs=nnx.Rngs(0))))
   n_base = num_params(nnx.eval_shape(lambda: GPT(baseline, rngs=nnx.Rngs(0))))
   assert abs(n_llama - n_base) / n_base < 0.01, (n_llama, n_base)
-
-
-def cli(*args, check=True):
-  proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  if check and proc.returncode:
-    raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-  return proc
 
 
 def test_llama_bpe_trains_resumes_generates_and_evaluates(tmp_path, data_dir):

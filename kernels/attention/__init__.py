@@ -15,7 +15,6 @@ import dataclasses
 import importlib
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -8,11 +8,10 @@ import logging
 import pathlib
 import signal
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import grain
 import jax
-import numpy as np
 from flax import nnx
 
 from llmx.errors import LlmxError
