@@ -1,0 +1,395 @@
+"""The encoder-decoder Transformer, its decoding (greedy, beam search, cache) and the
+translation data pipeline and experiment."""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import translation_setup as setup
+from experiments.configs import translation as translation_config
+from llmx import decoding
+from llmx.data import translation as data_lib
+from llmx.models.transformer import Transformer, TransformerConfig
+from llmx.train.config_check import ConfigError
+from tests.conftest import cli
+
+BOS, EOS = 1, 2
+
+
+def tiny_model(*, vocab=29, norm="pre", seed=0, peaky=3.0, **overrides):
+  """A random model; `peaky` scales the embedding table so that its next-token distributions
+  are far from uniform (and </s> comes up) like a trained model's."""
+  fields = dict(vocab_size=vocab, max_len=24, d_model=32, n_head=4, n_encoder_layers=2,
+                n_decoder_layers=2, mlp_hidden=48, dropout=0.0, norm=norm)
+  fields.update(overrides)
+  model = Transformer(TransformerConfig(**fields), rngs=nnx.Rngs(seed))
+  model.tgt_embed.embedding[...] = model.tgt_embed.embedding[...] * peaky
+  model.eval()
+  return model
+
+
+@pytest.fixture(scope="module")
+def copy_model():
+  """A tiny model trained for a few seconds to copy its source: its hypotheses end in </s>
+  after various lengths, as a translation model's do (a random model's rarely emit </s>)."""
+  import optax
+  model = tiny_model(vocab=16, seed=8, peaky=1.0)
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adam(3e-3)
+  rng = np.random.default_rng(9)
+
+  def loss(params, src, tgt_in, tgt_out):
+    m = nnx.merge(graphdef, params, rest)
+    return m.loss(src, tgt_in, tgt_out)
+
+  @jax.jit
+  def step(params, opt_state, src, tgt_in, tgt_out):
+    grads = jax.grad(loss)(params, src, tgt_in, tgt_out)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  for _ in range(150):
+    src = np.zeros((32, 12), np.int32)
+    tgt_in = np.zeros((32, 12), np.int32)
+    tgt_out = np.full((32, 12), -100, np.int32)
+    for r in range(32):
+      words = rng.integers(4, 16, size=rng.integers(1, 9))
+      src[r, :len(words) + 1] = np.append(words, EOS)
+      tgt_in[r, :len(words) + 1] = np.append(BOS, words)
+      tgt_out[r, :len(words) + 1] = np.append(words, EOS)
+    params, opt_state = step(params, opt_state, src, tgt_in, tgt_out)
+  model = nnx.merge(graphdef, params, rest)
+  model.eval()
+  return model
+
+
+def random_sources(rng, lengths, vocab):
+  return [np.concatenate([rng.integers(4, vocab, size=n), [EOS]]).astype(np.int32)
+          for n in lengths]
+
+
+# ---------------------------------------------------------------- model
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_decoder_is_causal(norm):
+  """d(decoder output at t) / d(input at s) is exactly 0 for s > t and not 0 for s <= t."""
+  model = tiny_model(norm=norm, seed=1)
+  rng = np.random.default_rng(0)
+  src = jnp.asarray(data_lib_pad(random_sources(rng, [5, 3], 29)))
+  memory, src_valid = model.encode(src)
+  b, t_len = 2, 7
+  x = jnp.asarray(rng.normal(size=(b * t_len, 32)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(32,)), jnp.float32)  # not a plain sum: LayerNorm output sums to a constant
+  @jax.jit  # one compilation for the three positions (eager ops would compile one by one)
+  def input_grad_norms(x, t):
+    def out_at_t(x):
+      h = model.decoder_layers(x, memory, src_valid, batch=b).reshape(b, t_len, -1)
+      return (jax.lax.dynamic_index_in_dim(h, t, axis=1, keepdims=False) @ w).sum()
+    return jnp.abs(jax.grad(out_at_t)(x)).reshape(b, t_len, -1).sum(-1)
+
+  for t in (0, 3, 6):
+    g = np.asarray(input_grad_norms(x, t))
+    assert np.all(g[:, t + 1:] == 0), (t, g)
+    assert np.all(g[:, :t + 1] > 0), (t, g)
+
+
+def data_lib_pad(sources, width=None):
+  batch, _ = decoding.source_batch(sources, max_len=24, pad_id=0)
+  if width is not None:
+    batch = np.pad(batch, ((0, 0), (0, width - batch.shape[1])))
+  return batch
+
+
+def test_cross_attention_ignores_source_padding():
+  model = tiny_model(seed=2)
+  rng = np.random.default_rng(1)
+  sources = random_sources(rng, [3, 6, 9], 29)
+  tgt_in = jnp.asarray(rng.integers(4, 29, size=(3, 5)), jnp.int32).at[:, 0].set(BOS)
+  narrow = jnp.asarray(data_lib_pad(sources))             # 16 wide
+  wide = jnp.asarray(data_lib_pad(sources, width=23))
+  forward = jax.jit(lambda src: model(src, tgt_in))
+  a, b = forward(narrow), forward(wide)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+  # Garbage in the padded rows of the memory changes nothing either.
+  memory, src_valid = jax.jit(model.encode)(wide)
+  garbage = jnp.where(src_valid.reshape(-1, 1), memory, 1e3 * jnp.asarray(
+      rng.normal(size=memory.shape), jnp.float32))
+  decode = jax.jit(lambda memory: model.decode(tgt_in, memory, src_valid))
+  np.testing.assert_allclose(np.asarray(decode(memory)), np.asarray(decode(garbage)), atol=1e-5)
+  # ...while a real source token does matter.
+  changed = wide.at[0, 0].set((wide[0, 0] + 1 - 4) % 25 + 4)
+  assert not np.allclose(np.asarray(forward(changed))[0], np.asarray(b)[0], atol=1e-3)
+
+
+def test_loss_is_label_smoothed_cross_entropy():
+  model = tiny_model(seed=3, peaky=1.0)
+  rng = np.random.default_rng(2)
+  src = jnp.asarray(data_lib_pad(random_sources(rng, [4, 7], 29)))
+  tgt_in = jnp.asarray(rng.integers(4, 29, size=(2, 6)), jnp.int32)
+  tgt_out = np.asarray(rng.integers(4, 29, size=(2, 6)), np.int32)
+  tgt_out[1, 4:] = -100
+  logp = np.asarray(jax.jit(lambda: jax.nn.log_softmax(model(src, tgt_in), axis=-1))())
+  logp = logp.reshape(12, -1)
+  labels = tgt_out.reshape(-1)
+  keep = labels != -100
+  s = 0.1
+  ref = -((1 - s) * logp[keep, labels[keep]] + s * logp[keep].mean(-1)).mean()
+  got = float(jax.jit(lambda: model.loss(src, tgt_in, jnp.asarray(tgt_out), label_smoothing=s))())
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- decoding
+@pytest.mark.parametrize("options", [
+    dict(norm="post", positions="learned", share_embeddings=False, tie_output=False),
+    dict(norm="pre", positions="sinusoidal")])
+def test_decode_step_matches_full_forward(options):
+  """Feeding the target one token at a time through the caches gives the full pass's logits."""
+  model = tiny_model(seed=10, peaky=1.0, **options)
+  rng = np.random.default_rng(5)
+  src = jnp.asarray(data_lib_pad(random_sources(rng, [4, 9], 29)))
+  tgt_in = jnp.asarray(rng.integers(4, 29, size=(2, 6)), jnp.int32).at[:, 0].set(BOS)
+  full = np.asarray(jax.jit(model)(src, tgt_in))
+  memory, src_valid = jax.jit(model.encode)(src)
+  cache = model.init_cache(memory, src_valid, 6)
+  step = jax.jit(model.decode_step)
+  for t in range(6):
+    logits, cache = step(tgt_in[:, t:t + 1], jnp.full((2, 1), t), cache)
+    np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+
+
+def test_schedules():
+  c = translation_config.get_config("smoke")
+  c.train.update(schedule="rsqrt", learning_rate=2e-3, warmup_steps=100)
+  _, rsqrt = setup.build_optimizer(c)
+  np.testing.assert_allclose([float(rsqrt(s)) for s in (0, 49, 99, 399)],
+                             [2e-5, 1e-3, 2e-3, 1e-3], rtol=1e-5)
+  c.train.update(schedule="cosine", steps=1000, min_learning_rate=1e-5)
+  _, cosine = setup.build_optimizer(c)
+  assert float(cosine(100)) == pytest.approx(2e-3) and float(cosine(1000)) == pytest.approx(1e-5)
+
+
+def teacher_forced_logprobs(model, source, hypotheses, width=12):
+  """Sum of log p(token) of each hypothesis (ids after <s>) given the source, in one pass."""
+  tgt = np.zeros((len(hypotheses), width + 1), np.int32)
+  for i, h in enumerate(hypotheses):
+    tgt[i, :len(h) + 1] = np.concatenate([[BOS], h])
+  src = jnp.asarray(np.repeat(data_lib_pad([source], width=16), len(hypotheses), axis=0))
+  logp = np.asarray(_log_softmax_of(model, src, jnp.asarray(tgt[:, :-1])))
+  return [float(sum(logp[i, t, tgt[i, t + 1]] for t in range(len(h))))
+          for i, h in enumerate(hypotheses)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _log_probs(graphdef, state, src, tgt_in):
+  return jax.nn.log_softmax(nnx.merge(graphdef, state)(src, tgt_in), axis=-1)
+
+
+def _log_softmax_of(model, src, tgt_in):
+  return _log_probs(*nnx.split(model), src, tgt_in)
+
+
+def test_beam_one_is_greedy_and_cache_matches_uncached(copy_model):
+  model = copy_model
+  sources = random_sources(np.random.default_rng(3), [2, 5, 9, 4, 13, 1, 7], 16)
+  common = dict(bos_id=BOS, eos_id=EOS, max_new_tokens=15)
+  greedy = decoding.greedy(model, sources, **common)
+  greedy_uncached = decoding.greedy(model, sources, use_cache=False, **common)
+  beam1 = decoding.beam_search(model, sources, beam_size=1, length_penalty=0.0, **common)
+  for g, gu, b in zip(greedy.tokens, greedy_uncached.tokens, beam1.tokens):
+    np.testing.assert_array_equal(g, gu)
+    np.testing.assert_array_equal(g, b)
+  np.testing.assert_allclose(greedy.scores, beam1.scores, rtol=1e-5)
+  np.testing.assert_allclose(greedy.scores, greedy_uncached.scores, rtol=1e-5)
+  assert any(t[-1] == EOS for t in greedy.tokens) and len({len(t) for t in greedy.tokens}) > 1
+  beam = decoding.beam_search(model, sources, beam_size=3, **common)
+  beam_uncached = decoding.beam_search(model, sources, beam_size=3, use_cache=False, **common)
+  for row, row_uncached in zip(beam.beams, beam_uncached.beams):
+    for h, hu in zip(row, row_uncached):
+      np.testing.assert_array_equal(h, hu)
+  np.testing.assert_allclose(beam.beam_scores, beam_uncached.beam_scores, rtol=1e-5)
+
+
+def test_beam_scores_sorted_and_finished_hypotheses_keep_eos(copy_model):
+  model = copy_model
+  sources = random_sources(np.random.default_rng(4), [3, 8, 5, 11], 16)
+  alpha, k = 0.6, 4
+  out = decoding.beam_search(model, sources, bos_id=BOS, eos_id=EOS, beam_size=k,
+                             length_penalty=alpha, max_new_tokens=12)
+  assert out.beam_scores.shape == (4, k)
+  assert np.all(np.diff(out.beam_scores, axis=1) <= 0)
+  finished = 0
+  for source, row, scores in zip(sources, out.beams, out.beam_scores):
+    assert len({tuple(h) for h in row}) == k            # no hypothesis twice
+    for h, score, logp in zip(row, scores, teacher_forced_logprobs(model, source, row)):
+      assert np.count_nonzero(h == EOS) <= 1 and (EOS not in h[:-1])
+      finished += int(h[-1] == EOS)
+      if h[-1] != EOS:
+        assert len(h) == 12                              # only unfinished at the length limit
+      # The score is the hypothesis's log-probability over the GNMT length penalty.
+      penalty = ((5 + len(h)) / 6) ** alpha
+      np.testing.assert_allclose(score, logp / penalty,
+                                 rtol=1e-4, atol=1e-5)
+  assert finished >= 8
+
+
+def test_decoding_bad_input():
+  model = tiny_model(seed=6)
+  common = dict(bos_id=BOS, eos_id=EOS)
+  with pytest.raises(decoding.DecodingError, match="source 1 is empty"):
+    decoding.greedy(model, [np.array([5, EOS]), np.array([EOS])], **common)
+  with pytest.raises(decoding.DecodingError, match="source 0 is empty"):
+    decoding.beam_search(model, [np.array([], np.int32)], **common)
+  too_long = np.concatenate([np.full(30, 7), [EOS]]).astype(np.int32)
+  with pytest.raises(decoding.DecodingError, match="31 tokens, more than the model's max_len=24"):
+    decoding.beam_search(model, [too_long], **common)
+  # Documented truncation: the first max_len - 1 tokens and </s>.
+  cut = decoding.greedy(model, [too_long], truncate=True, **common)
+  assert cut.truncated == 1
+  np.testing.assert_array_equal(
+      cut.tokens[0], decoding.greedy(model, [too_long[:23].tolist() + [EOS]], **common).tokens[0])
+  with pytest.raises(decoding.DecodingError, match="beam_size=0"):
+    decoding.beam_search(model, [too_long[-3:]], beam_size=0, **common)
+  with pytest.raises(decoding.DecodingError, match="max_new_tokens=24"):
+    decoding.greedy(model, [too_long[-3:]], max_new_tokens=24, **common)
+
+
+# ---------------------------------------------------------------- data
+def test_malformed_lines_name_their_line_number():
+  good = "Go.\tVa !\nRun!\tCours !\n"
+  assert data_lib.parse_pairs(good + "\n") == [("Go.", "Va !"), ("Run!", "Cours !")]
+  with pytest.raises(data_lib.TranslationDataError, match=r"x.txt, line 3: expected "
+                     r"'source<TAB>target', found no tab"):
+    data_lib.parse_pairs(good + "Hello there\n", source="x.txt")
+  with pytest.raises(data_lib.TranslationDataError, match="line 2: empty source sentence"):
+    data_lib.parse_pairs("Go.\tVa !\n \tCours !\n")
+  with pytest.raises(data_lib.TranslationDataError, match="line 1: empty target sentence"):
+    data_lib.parse_pairs("Go.\t\n")
+
+
+def test_malformed_data_file_is_one_line_error(tmp_path):
+  path = tmp_path / "pairs.txt"
+  path.write_text("Go.\tVa !\nbroken line\n", encoding="utf-8")
+  c = translation_config.get_config("smoke")
+  c.data.path = str(path)
+  with pytest.raises(data_lib.TranslationDataError, match="line 2"):
+    setup.load_data(c)
+
+
+def small_corpus(n=400, seed=0):
+  rng = np.random.default_rng(seed)
+  words = ["the", "cat", "dog", "eats", "sees", "a", "big", "small", "red", "house", "runs"]
+  mots = ["le", "chat", "chien", "mange", "voit", "un", "grand", "petit", "rouge", "maison", "court"]
+  pairs = []
+  for _ in range(n):
+    idx = rng.integers(0, len(words), size=rng.integers(1, 12))
+    pairs.append((" ".join(words[i] for i in idx).capitalize() + ".",
+                  " ".join(mots[i] for i in idx).capitalize() + " !"))
+  return pairs
+
+
+def test_split_tokenizer_and_token_batches():
+  pairs = small_corpus()
+  split = data_lib.split_pairs(pairs, num_val=30, num_test=40, seed=7)
+  again = data_lib.split_pairs(pairs, num_val=30, num_test=40, seed=7)
+  assert (len(split.test), len(split.val), len(split.train)) == (40, 30, 330)
+  assert split == again and split.test != data_lib.split_pairs(pairs, num_val=30, num_test=40,
+                                                               seed=8).test
+  tok = data_lib.SubwordTokenizer.train([s for p in split.train for s in p], 80)
+  assert tok.vocab_size == 80
+  for en, fr in split.test[:10]:  # detokenisation restores the text
+    assert tok.decode(tok.encode(fr)) == fr and tok.decode(tok.encode(en)) == en
+  assert tok.decode(np.concatenate([tok.encode("Le chat"), [tok.eos_id], tok.encode("x")])) == "Le chat"
+  again_tok = data_lib.SubwordTokenizer.train([s for p in split.train for s in p], 80)
+  assert again_tok.to_json() == tok.to_json()  # deterministic: resumed runs match
+  data = data_lib.encode_pairs(tok, split.train, max_len=24)
+  assert data.dropped == sum(1 for en, fr in split.train
+                             if len(tok.encode(en)) + 1 > 24 or len(tok.encode(fr)) + 1 > 24)
+  batches = data_lib.TokenBatches(data, tokens_per_batch=200, max_len=24, seed=3, row_multiple=2)
+  seen = []
+  for step in range(batches.batches_per_epoch):
+    b = batches[step]
+    rows, length = b["src"].shape
+    assert rows * length <= 200 and length in batches.buckets
+    for r in range(rows):
+      if b["src"][r, 0] == 0:  # a padding row at the end of a bucket
+        continue
+      n = int((b["src"][r] != 0).sum())
+      key = tuple(b["src"][r, :n])
+      seen.append(key)
+      m = int((b["tgt_out"][r] != -100).sum())
+      assert b["tgt_in"][r, 0] == tok.bos_id and b["tgt_out"][r, m - 1] == tok.eos_id
+      np.testing.assert_array_equal(b["tgt_in"][r, 1:m], b["tgt_out"][r, :m - 1])
+      # Similar lengths: each row fills more than the previous bucket's length.
+      smaller = [L for L in batches.buckets if L < length]
+      assert not smaller or max(n, m) > smaller[-1]
+  assert sorted(seen) == sorted(tuple(s) for s in data.src)  # each pair once per epoch
+  # Indexed by step: a fresh pipeline (a resumed run) gives the same batches, epochs differ.
+  fresh = data_lib.TokenBatches(data, tokens_per_batch=200, max_len=24, seed=3, row_multiple=2)
+  ds = data_lib.train_batches(fresh)
+  for step in (0, 5, batches.batches_per_epoch + 2):
+    for k in ("src", "tgt_in", "tgt_out"):
+      np.testing.assert_array_equal(ds[step][k], batches[step][k])
+  first = [batches[i]["src"].tobytes() for i in range(batches.batches_per_epoch)]
+  second = [batches[batches.batches_per_epoch + i]["src"].tobytes()
+            for i in range(batches.batches_per_epoch)]
+  assert first != second and sorted(first) != sorted(second) or first != second
+  with pytest.raises(data_lib.TranslationDataError, match="tokens_per_batch=40"):
+    data_lib.TokenBatches(data, tokens_per_batch=40, max_len=24, seed=3)
+
+
+def test_translate_text_errors():
+  pairs = small_corpus(200)
+  tok = data_lib.SubwordTokenizer.train([s for p in pairs for s in p], 80)
+  model = tiny_model(vocab=tok.vocab_size, seed=7)
+  out, truncated = setup.translate(model, tok, ["The cat.", "A big red dog runs."], beam_size=2)
+  assert len(out) == 2 and truncated == 0 and all(isinstance(s, str) for s in out)
+  with pytest.raises(setup.TranslationError, match="sentence 1 is empty"):
+    setup.translate(model, tok, ["The cat.", "   "])
+  long = " ".join(["the big red house"] * 10)
+  with pytest.raises(setup.TranslationError, match="more than the model's max_len=24"):
+    setup.translate(model, tok, [long])
+  _, truncated = setup.translate(model, tok, [long, "The cat."], beam_size=2, truncate=True)
+  assert truncated == 1
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("model", "d_model", 31, "model.d_model=31 is not divisible by model.n_head=2"),
+    ("model", "norm", "sandwich", "model.norm='sandwich'"),
+    ("train", "label_smoothing", 1.5, r"train.label_smoothing=1.5: must lie in \[0.0, 1.0\)"),
+    ("train", "schedule", "linear", "train.schedule='linear'"),
+    ("data", "max_train_len", 40, "data.max_train_len=40 exceeds model.max_len=32"),
+    ("eval", "beam_size", 0, "eval.beam_size=0: must be an integer > 0"),
+])
+def test_config_validation(section, field, value, message):
+  c = translation_config.get_config("smoke")
+  c[section][field] = value
+  with pytest.raises(ConfigError, match=message):
+    setup.validate(c)
+
+
+# ---------------------------------------------------------------- experiment
+def test_train_resume_and_translate(tmp_path, data_dir):
+  work = str(tmp_path / "run")
+  common = ["experiments.train_translation", "--config=experiments/configs/translation.py:smoke",
+            f"--workdir={work}", f"--config.data.path={data_dir / 'eng-fra.txt'}",
+            "--config.data.max_pairs=1200", "--config.data.num_test=16",
+            "--config.data.num_val=16", "--config.data.bleu_val_pairs=8",
+            "--config.data.max_train_len=12"]  # two batch shapes: fewer compilations
+  first = cli(*common, "--config.train.steps=10")
+  assert "test BLEU" in first.stdout and "step 10" in first.stdout
+  second = cli(*common, "--config.train.steps=12", "--config.eval.test=False")
+  assert "resumed" in second.stdout and "step 12" in second.stdout
+  steps = [json.loads(line)["step"] for line in open(f"{work}/metrics.jsonl")]
+  assert steps == [5, 10, 12]
+  report = json.loads(open(f"{work}/test_bleu.json").read())
+  assert report["step"] == 10 and report["pairs"] == 16 and 0 <= report["test_bleu"] <= 100
+  out = cli("experiments.translate", f"--workdir={work}", "--beam_size=2", "Hello.", "Thank you.")
+  assert out.stdout.count("\n") == 2  # one line per sentence (an untrained model's may be empty)
+  empty = cli("experiments.translate", f"--workdir={work}", "Hello.", " ", check=False)
+  assert empty.returncode == 2 and "sentence 1 is empty" in empty.stderr
+  assert "Traceback" not in empty.stderr
