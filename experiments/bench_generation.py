@@ -18,8 +18,9 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import lm_setup, run, setup_logging
-from llmx.generation import generate_batch, generate_uncached
+from llmx.families.lm import recipe as lm_setup
+from experiments import run, setup_logging
+from llmx.inference.sampling import generate_batch, generate_uncached
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/lm.py:nanogpt_baby", "LM config.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Run folder of a trained model; empty: a random "

@@ -16,9 +16,10 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import lm_setup, run
+from llmx.families.lm import recipe as lm_setup
+from experiments import run
 from llmx.data.lm_windows import lm_batches
-from llmx.models.gpt import flops_per_token, num_params
+from llmx.families.lm.model import flops_per_token, num_params
 from llmx.train import metrics as metrics_lib
 from llmx.train.step import supervised
 

@@ -16,7 +16,8 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from experiments import lm_setup, run, setup_logging
+from llmx.families.lm import recipe as lm_setup
+from experiments import run, setup_logging
 from llmx.data import corpus
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder with checkpoints/.", required=True)

@@ -13,8 +13,9 @@ import sys
 
 from absl import flags
 
-from experiments import lm_setup, run, setup_logging
-from llmx.generation import GenerationError, check_sampling_args, generate_batch
+from llmx.families.lm import recipe as lm_setup
+from experiments import run, setup_logging
+from llmx.inference.sampling import GenerationError, check_sampling_args, generate_batch
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder with checkpoints/.", required=True)
 _PROMPT = flags.DEFINE_multi_string("prompt", ["\n"], "Text to continue; repeat for a batch.")

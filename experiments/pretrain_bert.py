@@ -10,10 +10,11 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import bert_setup, run, setup_logging
+from llmx.families.bert import recipe as bert_setup
+from experiments import run, setup_logging
 from llmx.data import bert_pretraining
-from llmx.models import bert_hf
-from llmx.models.bert import flops_per_token, num_params
+from llmx.families.bert import hf as bert_hf
+from llmx.families.bert.model import flops_per_token, num_params
 from llmx.train import loop
 from llmx.train.mesh import make_mesh
 from llmx.train.step import supervised

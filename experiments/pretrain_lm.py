@@ -16,10 +16,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from experiments import lm_setup, run, setup_logging
+from llmx.families.lm import recipe as lm_setup
+from experiments import run, setup_logging
 from llmx.data.lm_windows import fixed_batches, lm_batches
-from llmx.generation import generate
-from llmx.models.gpt import flops_per_token, num_params
+from llmx.inference.sampling import generate
+from llmx.families.lm.model import flops_per_token, num_params
 from llmx.train import loop
 from llmx.train.mesh import check_batch_size, data_shard, mesh_from_config, process_rows
 from llmx.train.step import supervised

@@ -16,7 +16,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import gan_setup, run, setup_logging
+from llmx.families.gan import recipe as gan_setup
+from experiments import run, setup_logging
 from llmx.train import loop
 from llmx.train.mesh import make_mesh
 

@@ -20,7 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import run, setup_logging
-from experiments import translation_setup as setup
+from llmx.families.seq2seq import recipe as setup
 from llmx.data import translation as data_lib
 from llmx.train import loop
 from llmx.train.mesh import check_batch_size, data_shard, mesh_from_config, process_rows

@@ -16,8 +16,8 @@ import time
 from absl import flags
 
 from experiments import run, setup_logging
-from experiments import translation_setup as setup
-from llmx.decoding import DecodingError
+from llmx.families.seq2seq import recipe as setup
+from llmx.inference.search import DecodingError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder with checkpoints/.", required=True)
 _BEAM = flags.DEFINE_integer("beam_size", 4, "Beams; 1 with --length_penalty=0 is greedy.")

@@ -3,14 +3,14 @@
 Each op is one public function with an ``implementation=`` switch and a plain-XLA
 reference beside it, forward and backward. This package imports jax only.
 """
-from kernels.attention import dot_product_attention
+from .attention import dot_product_attention
 
 __all__ = ["dot_product_attention"]
-from kernels.softmax import softmax
-from kernels.norms import layer_norm, rms_norm
-from kernels.cross_entropy import linear_cross_entropy
+from .softmax import softmax
+from .norms import layer_norm, rms_norm
+from .cross_entropy import linear_cross_entropy
 
 __all__ += ["softmax", "layer_norm", "rms_norm", "linear_cross_entropy"]
-from kernels.platforms import target_platform
+from .platforms import target_platform
 
 __all__ += ["target_platform"]

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import autotune, roofline
+from . import autotune, roofline
 
 DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f16": jnp.float16,
           "float16": jnp.float16, "f32": jnp.float32, "float32": jnp.float32}
@@ -123,34 +123,34 @@ def _module_impls(module, fallback):
 
 
 def _run_softmax(impl, args, interpret):
-  from kernels.softmax import softmax
+  from .softmax import softmax
   return softmax(args[0], implementation=impl, interpret=interpret)
 
 
 def _run_layer_norm(impl, args, interpret):
-  from kernels.norms import layer_norm
+  from .norms import layer_norm
   return layer_norm(*args, implementation=impl, interpret=interpret)
 
 
 def _run_rms_norm(impl, args, interpret):
-  from kernels.norms import rms_norm
+  from .norms import rms_norm
   return rms_norm(*args, implementation=impl, interpret=interpret)
 
 
 def _run_lce(impl, args, interpret):
-  from kernels.cross_entropy import linear_cross_entropy
+  from .cross_entropy import linear_cross_entropy
   return linear_cross_entropy(*args, implementation=impl, interpret=interpret)
 
 
 def _run_attention(impl, args, interpret):
-  from kernels import dot_product_attention
+  from . import dot_product_attention
   return dot_product_attention(*args, is_causal=True, implementation=impl, interpret=interpret)
 
 
 def _attn_flops(dims, mode):
   b, t, h, d = dims
   try:  # the attention package's own count (exact causal pairs), if it has one
-    from kernels.attention.bench import attention_flops
+    from .attention.bench import attention_flops
     return float(attention_flops(b, t, t, h, d, causal=True, backward=mode == "fwd_bwd"))
   except (ImportError, AttributeError, TypeError):
     fwd = 4.0 * b * h * d * t * (t + 1) / 2  # causal pairs
@@ -381,7 +381,7 @@ def _tuning_problems(op: str, dims, dtype, interpret: bool):
   """(kind, module, make_callable(config) -> thunk, inputs) for each Triton kernel of op."""
   key = jax.random.key(1)
   if op == "softmax":
-    from kernels.softmax import triton as mod
+    from .softmax import triton as mod
     x = _normal(key, dims, dtype)
     g = _normal(jax.random.key(2), dims, dtype)
     p = mod.forward(x, None, scale=1.0, config=mod.heuristic_config("fwd", dims, dtype),
@@ -393,7 +393,7 @@ def _tuning_problems(op: str, dims, dtype, interpret: bool):
                                                      interpret=interpret), (p, g)),
     }
   if op in ("layer_norm", "rms_norm"):
-    from kernels.norms import triton as mod
+    from .norms import triton as mod
     n, d = dims
     x = _normal(key, dims, dtype)
     w = jnp.ones((d,), dtype)
@@ -408,7 +408,7 @@ def _tuning_problems(op: str, dims, dtype, interpret: bool):
                                                           interpret=interpret), (x, w, dy)),
     }
   if op == "linear_cross_entropy":
-    from kernels.cross_entropy import triton as mod
+    from .cross_entropy import triton as mod
     (x, w, labels), _ = _lce_inputs(dims, dtype, key)
     lse, _, _ = mod.forward(x, w, labels, smoothing=0.0,
                             config=mod.heuristic_config("fwd", dims, dtype), interpret=interpret)
@@ -463,7 +463,7 @@ def autotune_op(op: str, dims, dtype, *, cache_path=None, interpret=False, max_c
 
 def memory_check(dims=MEMORY_CHECK_SHAPE, dtype=jnp.float32) -> dict:
   """Compiled temporary memory of the cross-entropy fwd+bwd: "xla" vs "xla_chunked"."""
-  from kernels.cross_entropy import linear_cross_entropy
+  from .cross_entropy import linear_cross_entropy
   n, d, v = dims
   avals = (jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((d, v), dtype),
            jax.ShapeDtypeStruct((n,), jnp.int32))

@@ -4,12 +4,13 @@ import json
 import numpy as np
 import pytest
 
-from experiments import bert_setup, finetune_bert
+from llmx.families.bert import recipe as bert_setup
+from experiments import finetune_bert
 from experiments.configs import bert as bert_config
 from experiments.configs import finetune as finetune_config
 from llmx.data.wordpiece import WordPieceTokenizer
-from llmx.models import bert_hf
-from llmx.models.bert import BertConfig, BertModel
+from llmx.families.bert import hf as bert_hf
+from llmx.families.bert.model import BertConfig, BertModel
 from llmx.train.config_check import ConfigError
 from tests.conftest import cli
 

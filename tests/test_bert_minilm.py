@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import bert_setup
+from llmx.families.bert import recipe as bert_setup
 from llmx.data.wordpiece import WordPieceTokenizer
-from llmx.models import bert
+from llmx.families.bert import model as bert
 from tests.conftest import REPO
 
 REFERENCE = REPO.parent / "shared" / "reference" / "minilm_public.npz"

@@ -11,8 +11,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from llmx.data.wordpiece import WordPieceTokenizer
-from llmx.models import bert, bert_hf
-from llmx.models.bert import (BertConfig, BertForPreTraining, BertForQuestionAnswering,
+from llmx.families.bert import hf as bert_hf, model as bert
+from llmx.families.bert.model import (BertConfig, BertForPreTraining, BertForQuestionAnswering,
                               BertForSequenceClassification, BertForTokenClassification, BertModel)
 from llmx.train.step import supervised
 

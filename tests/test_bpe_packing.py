@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import lm_setup
+from llmx.families.lm import recipe as lm_setup
 from llmx.data import packing
 from llmx.data.bpe_tokenizer import END_OF_TEXT, BPETokenizer
 from llmx.data.corpus import DataError
-from llmx.models.gpt import GPT, GPTConfig
+from llmx.families.lm.model import GPT, GPTConfig
 
 
 @pytest.fixture(scope="module")

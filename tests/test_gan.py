@@ -12,10 +12,10 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import gan_setup
+from llmx.families.gan import recipe as gan_setup
 from experiments.configs import gan as gan_config
-from llmx import losses
-from llmx.models import gan as gan_lib
+from llmx.train import losses
+from llmx.families.gan import model as gan_lib
 from llmx.train import loop
 from llmx.train.config_check import ConfigError
 from tests.conftest import REPO

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmx.generation import (GenerationError, filter_logits, generate, generate_batch,
+from llmx.inference.sampling import (GenerationError, filter_logits, generate, generate_batch,
                              generate_uncached, sample_logits)
-from llmx.models.gpt import GPT, GPTConfig
+from llmx.families.lm.model import GPT, GPTConfig
 
 VOCAB = 41
 

@@ -5,7 +5,7 @@ import optax
 import pytest
 from flax import nnx
 
-from llmx.models.gpt import GPT, GPTConfig, num_params
+from llmx.families.lm.model import GPT, GPTConfig, num_params
 
 
 def tiny(**kw):

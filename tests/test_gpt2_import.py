@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from llmx.generation import generate
-from llmx.models.gpt import GPT, GPTConfig, from_pretrained, save_pretrained
+from llmx.inference.sampling import generate
+from llmx.families.lm.model import GPT, GPTConfig, from_pretrained, save_pretrained
 from tests.conftest import REPO
 
 REFERENCE = REPO.parent / "shared" / "reference"

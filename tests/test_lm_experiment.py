@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from experiments import lm_setup
+from llmx.families.lm import recipe as lm_setup
 from experiments.configs import lm as lm_config
 from llmx.train.config_check import ConfigError
 from tests.conftest import cli

@@ -7,9 +7,9 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import lm_setup
+from llmx.families.lm import recipe as lm_setup
 from experiments.configs import lm as lm_config
-from llmx.models.gpt import GPT, GPTConfig, num_params
+from llmx.families.lm.model import GPT, GPTConfig, num_params
 from llmx.nn.mlp import SwiGLU
 from llmx.nn.rope import apply_rope
 from llmx.train.config_check import ConfigError

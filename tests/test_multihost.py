@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import lm_setup
+from llmx.families.lm import recipe as lm_setup
 from llmx.train import distributed
 from llmx.train.config_check import ConfigError
 from tests.conftest import REPO

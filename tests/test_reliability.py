@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import lm_setup
+from llmx.families.lm import recipe as lm_setup
 from llmx.data.lm_windows import fixed_batches, lm_batches
-from llmx.models.gpt import GPT, GPTConfig
+from llmx.families.lm.model import GPT, GPTConfig
 from llmx.train import loop, optim
 from llmx.train.checkpoint import CheckpointError, Checkpointer
 from llmx.train.step import supervised

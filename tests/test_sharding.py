@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from llmx.data.lm_windows import lm_batches
-from llmx.models.gpt import GPT, GPTConfig
+from llmx.families.lm.model import GPT, GPTConfig
 from llmx.train import loop, optim
 from llmx.train.config_check import ConfigError
 from llmx.train.mesh import (check_batch_size, data_shard, make_mesh, mesh_shape, process_rows)
@@ -125,7 +125,7 @@ def test_mesh_shape_resolves_the_rest_and_batch_checks():
      r"train.batch_size=6 is not divisible by train.grad_accum_steps=4"),
 ])
 def test_scaling_config_errors(overrides, message):
-  from experiments import lm_setup
+  from llmx.families.lm import recipe as lm_setup
   from experiments.configs import lm as lm_config
   c = lm_config.get_config("smoke")
   for section, values in overrides.items():

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from llmx.data.lm_windows import fixed_batches, lm_batches
-from llmx.generation import generate
-from llmx.models.gpt import GPT, GPTConfig
+from llmx.inference.sampling import generate
+from llmx.families.lm.model import GPT, GPTConfig
 from llmx.train import loop, optim
 from llmx.train.checkpoint import Checkpointer
 from llmx.train.config_check import ConfigError

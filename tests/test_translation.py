@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import translation_setup as setup
+from llmx.families.seq2seq import recipe as setup
 from experiments.configs import translation as translation_config
-from llmx import decoding
+from llmx.inference import search as decoding
 from llmx.data import translation as data_lib
-from llmx.models.transformer import Transformer, TransformerConfig
+from llmx.families.seq2seq.model import Transformer, TransformerConfig
 from llmx.train.config_check import ConfigError
 from tests.conftest import cli
 

@@ -1,4 +1,4 @@
-"""English -> French translation with the encoder-decoder Transformer (llmx/models/transformer.py)
+"""English -> French translation with the encoder-decoder Transformer (llmx/families/seq2seq/model.py)
 on Tatoeba pairs ($LLMX_DATA_DIR/eng-fra.txt).
 
 Launch:

@@ -18,8 +18,8 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import platforms
-from kernels.attention import common
+from .. import platforms
+from . import common
 
 # name -> module (imported on first use, so the Pallas backends cost nothing until called).
 IMPLEMENTATIONS = {

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.attention import dot_product_attention
+from . import dot_product_attention
 
 # Dense (no sparsity) peak TFLOP/s for 16-bit matmuls by device kind; float32 is not listed
 # (the column is then left empty). Override with --peak_tflops.

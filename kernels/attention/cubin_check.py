@@ -19,7 +19,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from kernels.attention import dot_product_attention
+from . import dot_product_attention
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 SHAPES = [  # (B, T, S, N, K, D, dtype, kwargs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax
 
-from kernels.attention import common
+from . import common
 
 
 def attention(query, key, value, bias=None, mask=None, query_segment_ids=None,

@@ -28,8 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import mosaic_common as mc
-from kernels.attention import common
+from .. import mosaic_common as mc
+from . import common
 
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 MAX_HEAD_DIM = 512

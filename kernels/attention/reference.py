@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.attention import common
+from . import common
 
 
 def grouped_bias(x, num_kv_heads: int):

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from kernels.attention import common
+from . import common
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 MAX_HEAD_DIM = 256

@@ -22,8 +22,8 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
-from kernels.attention import common
-from kernels.attention.reference import grouped_bias
+from . import common
+from .reference import grouped_bias
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import platforms
+from .. import platforms
 
 # implementation name -> module holding ``per_token_loss(x, weight, labels, *, ...)``.
 _IMPLEMENTATIONS = {

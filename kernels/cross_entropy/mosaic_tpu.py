@@ -26,8 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import mosaic_common as mc
-from kernels.cross_entropy.reference import loss_from_stats
+from .. import mosaic_common as mc
+from .reference import loss_from_stats
 
 _F32 = jnp.float32
 _LANES = mc.LANES

@@ -27,8 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import autotune
-from kernels.cross_entropy.reference import loss_from_stats
+from .. import autotune
+from .reference import loss_from_stats
 
 _F32 = jnp.float32
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels.cross_entropy.reference import loss_from_stats
+from .reference import loss_from_stats
 
 _F32 = jnp.float32
 DEFAULT_CONFIG = {"token_chunk": 1024, "vocab_chunk": 4096}

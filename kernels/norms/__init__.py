@@ -22,7 +22,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from kernels import platforms
+from .. import platforms
 
 # implementation name -> module holding ``layer_norm(...)`` and ``rms_norm(...)``.
 _IMPLEMENTATIONS = {

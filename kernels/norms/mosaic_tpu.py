@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import mosaic_common as mc
+from .. import mosaic_common as mc
 
 _F32 = jnp.float32
 

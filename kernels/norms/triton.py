@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import autotune
+from .. import autotune
 
 _F32 = jnp.float32
 _MAX_SINGLE_BLOCK = 8192

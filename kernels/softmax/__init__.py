@@ -19,7 +19,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from kernels import platforms
+from .. import platforms
 
 # implementation name -> module holding a ``softmax(x, where, *, axis, scale, interpret)``.
 _IMPLEMENTATIONS = {

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import mosaic_common as mc
-from kernels.softmax import reference
+from .. import mosaic_common as mc
+from . import reference
 
 _F32 = jnp.float32
 MAX_COLS = 32768  # 8 rows x 32K float32 = 1 MiB per block; the backward holds ~10 such

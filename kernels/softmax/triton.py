@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import autotune
+from .. import autotune
 
 _F32 = jnp.float32
 _MAX_TILE = 16384  # elements of a [block_rows, block_cols] float32 tile kept in registers

@@ -6,7 +6,7 @@ arguments; `decode` runs the same layer against a key/value cache for generation
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
+import llmx_kernels as kernels
 from llmx.nn.axes import EMBED, HEADS, with_axes
 from llmx.nn.rope import apply_rope
 

@@ -2,7 +2,7 @@
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
+import llmx_kernels as kernels
 from llmx.nn.axes import EMBED, param
 
 

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels import attention
-from kernels.attention import common, reference, triton as attn_triton, xla_chunked
+import llmx_kernels as kernels
+from llmx_kernels import attention
+from llmx_kernels.attention import common, reference, triton as attn_triton, xla_chunked
 from tests.kernels.attention_ref import attention_and_grads, visible_mask
 
 # Relative tolerances (see the module docstring). float32 is measured at ~2e-6 worst; bf16 and

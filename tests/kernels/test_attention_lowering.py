@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import kernels
+import llmx_kernels as kernels
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 

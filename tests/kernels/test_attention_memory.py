@@ -2,7 +2,7 @@
 head_dim 64, float32) at most 1/8 of plain "xla"'s, read from XLA's compiled memory analysis.
 Compile only (no run), a few seconds on CPU; `python -m kernels.attention.bench --memory`
 prints the same numbers (measured: 1024 MiB vs 7-11 MiB, about 1/100)."""
-from kernels.attention.bench import compiled_temp_bytes
+from llmx_kernels.attention.bench import compiled_temp_bytes
 
 
 def test_chunked_temp_memory_is_under_an_eighth_of_xla():

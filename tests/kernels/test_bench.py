@@ -5,8 +5,8 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from kernels import autotune, bench, roofline
-from kernels.norms import triton as norms_triton
+from llmx_kernels import autotune, bench, roofline
+from llmx_kernels.norms import triton as norms_triton
 
 
 def _rows(path):

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels import cross_entropy as ce
-from kernels.bench import lower_for_cuda
-from kernels.cross_entropy import triton as ce_triton
-from kernels.cross_entropy import xla_chunked as ce_chunked
+import llmx_kernels as kernels
+from llmx_kernels import cross_entropy as ce
+from llmx_kernels.bench import lower_for_cuda
+from llmx_kernels.cross_entropy import triton as ce_triton
+from llmx_kernels.cross_entropy import xla_chunked as ce_chunked
 
 TOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (2e-2, 2e-2)}
 

@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels import attention
-from kernels.attention import common
-from kernels.attention import mosaic_tpu as attn_tpu
-from kernels.cross_entropy import mosaic_tpu as ce_tpu
-from kernels.norms import mosaic_tpu as norms_tpu
-from kernels.softmax import mosaic_tpu as softmax_tpu
+import llmx_kernels as kernels
+from llmx_kernels import attention
+from llmx_kernels.attention import common
+from llmx_kernels.attention import mosaic_tpu as attn_tpu
+from llmx_kernels.cross_entropy import mosaic_tpu as ce_tpu
+from llmx_kernels.norms import mosaic_tpu as norms_tpu
+from llmx_kernels.softmax import mosaic_tpu as softmax_tpu
 from tests.kernels import test_attention as ta
 from tests.kernels import test_cross_entropy as tce
 from tests.kernels import test_norms as tn
@@ -274,9 +274,9 @@ def test_target_platform_picks_mosaic_defaults():
 def test_gpt_train_step_exported_for_tpu_uses_mosaic_kernels():
   optax = pytest.importorskip("optax")  # the llmx extras; kernels/ alone needs only jax
   nnx = pytest.importorskip("flax.nnx")
-  from llmx.models.gpt import GPT, GPTConfig
+  from llmx.families.lm.model import GPT, GPTConfig
   from llmx.train.step import supervised
-  from experiments.lm_setup import lm_loss
+  from llmx.families.lm.recipe import lm_loss
 
   cfg = GPTConfig(vocab_size=67, block_size=16, n_layer=1, n_head=2, d_model=32)
   trainable = supervised(lambda: GPT(cfg, rngs=nnx.Rngs(params=0, dropout=1)),

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels.bench import lower_for_cuda
-from kernels.norms import triton as norms_triton
+import llmx_kernels as kernels
+from llmx_kernels.bench import lower_for_cuda
+from llmx_kernels.norms import triton as norms_triton
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 EPS = 1e-6

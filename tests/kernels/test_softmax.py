@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels.bench import lower_for_cuda
-from kernels.softmax import triton as softmax_triton
+import llmx_kernels as kernels
+from llmx_kernels.bench import lower_for_cuda
+from llmx_kernels.softmax import triton as softmax_triton
 
 TOL = {jnp.float32: (2e-6, 2e-5), jnp.bfloat16: (1e-2, 3e-2)}
 

@@ -9,8 +9,8 @@ from llmx.data import corpus
 from llmx.data.bpe_tokenizer import BPETokenizer
 from llmx.data.char_tokenizer import CharTokenizer
 from llmx.data.packing import split_packed
-from llmx.models import gpt
-from llmx.models.gpt import GPT, GPTConfig
+from llmx.families.lm import model as gpt
+from llmx.families.lm.model import GPT, GPTConfig
 from llmx.train import optim
 from llmx.train.config_check import (ConfigError, require_choice, require_divisible,
                                      require_positive, require_range)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import kernels
+import llmx_kernels as kernels
 from llmx.nn.attention import SelfAttention
 from llmx.nn.axes import EMBED, MLP as MLP_AXIS, VOCAB, param, with_axes
 from llmx.nn.mlp import SwiGLU

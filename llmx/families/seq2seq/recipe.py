@@ -10,10 +10,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from llmx import decoding
+from llmx.inference import search as decoding
 from llmx.data import translation as data_lib
-from llmx.models import transformer
-from llmx.models.transformer import Transformer, TransformerConfig
+from llmx.families.seq2seq import model as transformer
+from llmx.families.seq2seq.model import Transformer, TransformerConfig
 from llmx.train import optim
 from llmx.train.config_check import (ConfigError, require_choice, require_divisible,
                                      require_positive, require_range)

@@ -13,7 +13,7 @@ positions restarting at 0 (so past the context the text differs from `generate_u
 re-reads a full window for every token).
 
 The model needs `init_cache(batch, max_len)`, `decode(tokens, positions, cache) -> (hidden,
-cache)`, `logits(hidden)` and `config.block_size` (llmx.models.gpt.GPT has them).
+cache)`, `logits(hidden)` and `config.block_size` (llmx.families.lm.model.GPT has them).
 `generate_uncached` needs only `model(tokens) -> logits`: the reference the cache is tested
 against, and the baseline of experiments/bench_generation.py.
 """

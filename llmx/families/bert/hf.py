@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from llmx.errors import LlmxError
-from llmx.models.bert import BertConfig, BertForPreTraining, BertModel
+from llmx.families.bert.model import BertConfig, BertForPreTraining, BertModel
 
 log = logging.getLogger("llmx")
 

@@ -12,7 +12,7 @@ tokens, 0 on padding) so real tokens never see padding; the cross-attention gets
 source's real tokens; the decoder's causal self-attention never reaches right padding.
 
 Activations are 2-D [batch * seq, d_model] between layers (faster on XLA:CPU, shared/FACTS.md);
-only attention sees [batch, seq, heads, head_dim]. Decoding (llmx/decoding.py) uses `encode`,
+only attention sees [batch, seq, heads, head_dim]. Decoding (llmx/inference/search.py) uses `encode`,
 `init_cache` and `decode_step`: a key/value cache for the decoder's self-attention and the
 cross-attention's keys/values of the encoder output, computed once.
 """
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import kernels
+import llmx_kernels as kernels
 from llmx.nn.attention import SelfAttention
 from llmx.nn.axes import EMBED, HEADS, MLP as MLP_AXIS, VOCAB, param, with_axes
 from llmx.nn.norms import LayerNorm

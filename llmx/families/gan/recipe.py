@@ -10,8 +10,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llmx import losses
-from llmx.models import gan as gan_lib
+from llmx.train import losses
+from llmx.families.gan import model as gan_lib
 from llmx.train.config_check import ConfigError, require_choice, require_positive, require_range
 from llmx.train.step import Trainable, track_nonfinite
 

@@ -16,8 +16,8 @@ from flax import nnx
 from llmx.data import bert_pretraining, corpus, tsv
 from llmx.data.corpus import DataError
 from llmx.data.wordpiece import WordPieceTokenizer
-from llmx.models import bert_hf
-from llmx.models.bert import (BertConfig, BertForPreTraining, BertForQuestionAnswering,
+from llmx.families.bert import hf as bert_hf
+from llmx.families.bert.model import (BertConfig, BertForPreTraining, BertForQuestionAnswering,
                               BertForSequenceClassification, BertForTokenClassification, BertModel)
 from llmx.train import optim
 from llmx.train.checkpoint import Checkpointer

@@ -10,7 +10,7 @@ Padding reaches the attention kernel as segment ids: 1 for real tokens, 0 for pa
 token never attends to padding and a sentence's output does not depend on how much padding
 follows it. Activations stay 2-D ([batch * seq, hidden]) between layers (faster on XLA:CPU).
 
-Loading a Hugging Face folder: `from_pretrained(path)` (llmx/models/bert_hf.py); its tokenizer:
+Loading a Hugging Face folder: `from_pretrained(path)` (llmx/families/bert/hf.py); its tokenizer:
 `llmx.data.wordpiece.WordPieceTokenizer.from_folder(path)`.
 """
 import dataclasses
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
+import llmx_kernels as kernels
 from llmx.errors import LlmxError
 from llmx.nn.attention import SelfAttention
 from llmx.nn.norms import LayerNorm
@@ -313,7 +313,7 @@ class BertForQuestionAnswering(nnx.Module):
 
 def from_pretrained(path, **kwargs) -> BertModel:
   """A Hugging Face BERT folder (config.json + model.safetensors) -> BertModel; see bert_hf."""
-  from llmx.models import bert_hf  # bert_hf builds on this module
+  from llmx.families.bert import hf as bert_hf  # bert_hf builds on this module
   return bert_hf.from_pretrained(path, **kwargs)
 
 

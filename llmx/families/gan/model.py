@@ -10,7 +10,7 @@ Two pairs:
       channels, then depth-to-space), which can express DCGAN's 4x4 stride-2 transposed
       convolution exactly and ran 17x faster than nnx.ConvTranspose on XLA:CPU (fwd + bwd,
       batch 128, 4x4x64 -> 8x8x32).
-`GAN` holds one of each and samples. The losses are in `llmx.losses`; the training step (two
+`GAN` holds one of each and samples. The losses are in `llmx.train.losses`; the training step (two
 optimizers) is built by the experiment.
 
 The discriminators hold no batch statistics: WGAN-GP's gradient penalty needs each output to

@@ -21,7 +21,7 @@ a greedy </s> when a longer hypothesis could still score better).
 The model needs `encode(src) -> (memory, src_valid)`, `init_cache(memory, src_valid,
 max_len)`, `decode_step(tokens, positions, cache) -> (logits, cache)`, and for the uncached path
 `decode(tgt_in, memory, src_valid)` and `logits(h)`; `config.max_len` and `config.pad_id`
-(llmx.models.transformer.Transformer has them).
+(llmx.families.seq2seq.model.Transformer has them).
 """
 import dataclasses
 import functools

@@ -1,0 +1,1 @@
+"""Decoding for every decoder: one cache protocol; sampling, greedy and beam search."""
