@@ -19,7 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llmx.families.lm import recipe as lm_setup
-from experiments import run, setup_logging
+from llmx.train.launch import run
 from llmx.inference.sampling import generate_batch, generate_uncached
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/lm.py:nanogpt_baby", "LM config.")
@@ -42,9 +42,8 @@ def timed(fn, rounds: int) -> tuple[np.ndarray, float]:
 
 def main(argv):
   del argv
-  setup_logging()
   if _WORKDIR.value:
-    model, _, _, _ = lm_setup.restore_for_inference(_WORKDIR.value)
+    model, _, _, _ = lm_setup.load_run(_WORKDIR.value)
   else:
     c = _CONFIG.value
     c.model.block_size = _PROMPT.value + _NEW.value

@@ -17,7 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llmx.families.lm import recipe as lm_setup
-from experiments import run
+from llmx.train.launch import run
 from llmx.data.lm_windows import lm_batches
 from llmx.families.lm.model import flops_per_token, num_params
 from llmx.train import metrics as metrics_lib

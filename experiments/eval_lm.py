@@ -17,7 +17,7 @@ from absl import flags
 from flax import nnx
 
 from llmx.families.lm import recipe as lm_setup
-from experiments import run, setup_logging
+from llmx.train.launch import run
 from llmx.data import corpus
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder with checkpoints/.", required=True)
@@ -58,8 +58,7 @@ def total_nats(model, tokens: np.ndarray, block_size: int, batch_size: int) -> t
 
 def main(argv):
   del argv
-  setup_logging()
-  model, tokenizer, config, step = lm_setup.restore_for_inference(_WORKDIR.value)
+  model, tokenizer, config, step = lm_setup.load_run(_WORKDIR.value)
   if _DATA.value:
     text, source = corpus.load_text(_DATA.value, field="--data"), _DATA.value
   else:

@@ -13,7 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llmx.families.bert import recipe as bert_setup
-from experiments import run, setup_logging
+from llmx.train.launch import run
 from llmx.data import tsv
 from llmx.families.bert.model import num_params
 from llmx.train import loop
@@ -74,7 +74,6 @@ def train_and_evaluate(c, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  setup_logging()
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -14,7 +14,7 @@ import sys
 from absl import flags
 
 from llmx.families.lm import recipe as lm_setup
-from experiments import run, setup_logging
+from llmx.train.launch import run
 from llmx.inference.sampling import GenerationError, check_sampling_args, generate_batch
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder with checkpoints/.", required=True)
@@ -44,10 +44,9 @@ def stop_token_ids(tokenizer, stops: list[str]) -> tuple[int, ...]:
 
 def main(argv):
   del argv
-  setup_logging()
   check_sampling_args(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                       top_k=_TOP_K.value, top_p=_TOP_P.value, max_length=_MAX_LENGTH.value or None)
-  model, tokenizer, _, _ = lm_setup.restore_for_inference(_WORKDIR.value)
+  model, tokenizer, _, _ = lm_setup.load_run(_WORKDIR.value)
   prompts = [tokenizer.encode(p) for p in _PROMPT.value]
   for text, ids in zip(_PROMPT.value, prompts):
     if ids.size == 0:

@@ -11,7 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llmx.families.bert import recipe as bert_setup
-from experiments import run, setup_logging
+from llmx.train.launch import run
 from llmx.data import bert_pretraining
 from llmx.families.bert import hf as bert_hf
 from llmx.families.bert.model import flops_per_token, num_params
@@ -70,7 +70,6 @@ def train_and_evaluate(c, workdir: str) -> loop.TrainResult:
 
 def main(argv):
   del argv
-  setup_logging()
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from llmx.families.lm import recipe as lm_setup
-from experiments import run, setup_logging
+from llmx.train.launch import run
 from llmx.data.lm_windows import fixed_batches, lm_batches
 from llmx.inference.sampling import generate
 from llmx.families.lm.model import flops_per_token, num_params
@@ -33,7 +33,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: metrics, checkpoint
 
 def main(argv):
   del argv
-  setup_logging()
   c = _CONFIG.value
   lm_setup.validate(c)
   mesh = mesh_from_config(c.mesh)

@@ -17,7 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llmx.families.gan import recipe as gan_setup
-from experiments import run, setup_logging
+from llmx.train.launch import run
 from llmx.train import loop
 from llmx.train.mesh import make_mesh
 
@@ -62,7 +62,6 @@ def plot_samples(path: pathlib.Path, samples: np.ndarray, c, title: str,
 
 def main(argv):
   del argv
-  setup_logging()
   c = _CONFIG.value
   gan_setup.validate(c)
   workdir = pathlib.Path(_WORKDIR.value)

@@ -19,7 +19,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import run, setup_logging
+from llmx.train.launch import run
 from llmx.families.seq2seq import recipe as setup
 from llmx.data import translation as data_lib
 from llmx.train import loop
@@ -45,7 +45,6 @@ def evaluate_bleu(model, tokenizer, pairs, *, beam_size, length_penalty, batch_s
 
 def main(argv):
   del argv
-  setup_logging()
   c = _CONFIG.value
   setup.validate(c)
   mesh = mesh_from_config(c.mesh)

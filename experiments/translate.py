@@ -15,7 +15,7 @@ import time
 
 from absl import flags
 
-from experiments import run, setup_logging
+from llmx.train.launch import run
 from llmx.families.seq2seq import recipe as setup
 from llmx.inference.search import DecodingError
 
@@ -50,7 +50,6 @@ def split_bleu(model, tokenizer, config, step):
 
 def main(argv):
   sentences = argv[1:]
-  setup_logging()
   if sentences and _BLEU_SPLIT.value:
     raise DecodingError("give sentences or --bleu_split, not both")
   if not sentences and not _BLEU_SPLIT.value:
@@ -63,7 +62,7 @@ def main(argv):
   for i, s in enumerate(sentences):  # before the checkpoint is read: a quick answer
     if not s.strip():
       raise setup.TranslationError(f"sentence {i} is empty: nothing to translate")
-  model, tokenizer, config, step = setup.restore_for_inference(_WORKDIR.value)
+  model, tokenizer, config, step = setup.load_run(_WORKDIR.value)
   if _BLEU_SPLIT.value:
     return split_bleu(model, tokenizer, config, step)
   translations, _ = setup.translate(model, tokenizer, sentences, beam_size=_BEAM.value,

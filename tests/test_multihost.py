@@ -49,7 +49,7 @@ def finish(proc, name):
 
 
 def params_of(workdir):
-  model, _, _, step = lm_setup.restore_for_inference(str(workdir))
+  model, _, _, step = lm_setup.load_run(str(workdir))
   from flax import nnx
   return step, [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 

@@ -77,7 +77,7 @@ def metrics(workdir) -> dict:
 
 
 def final_state(workdir):
-  model, _, _, step = lm_setup.restore_for_inference(str(workdir))
+  model, _, _, step = lm_setup.load_run(str(workdir))
   as_numpy = lambda x: np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
       x.dtype, jax.dtypes.prng_key) else x)
   return step, [as_numpy(x) for x in jax.tree.leaves(nnx.state(model))]

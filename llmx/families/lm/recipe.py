@@ -11,7 +11,8 @@ from llmx.data.char_tokenizer import CharTokenizer
 from llmx.data.packing import split_packed
 from llmx.families.lm import model as gpt
 from llmx.families.lm.model import GPT, GPTConfig
-from llmx.train import optim
+from llmx.train import optim, restore
+from llmx.train.step import supervised
 from llmx.train.config_check import (ConfigError, require_choice, require_divisible,
                                      require_positive, require_range)
 
@@ -166,26 +167,13 @@ def as_tokens(tokenizer: CharTokenizer, text: str) -> np.ndarray:
   return tokenizer.encode(text)
 
 
-def restore_for_inference(workdir: str):
-  """-> (model, tokenizer, config dict, step) from the newest readable checkpoint in `workdir`."""
-  import pathlib
+def load_run(workdir: str):
+  """-> (model in eval mode, tokenizer, config, step) from the newest readable checkpoint of a
+  pretrain_lm run in `workdir`."""
+  model, meta, step = restore.for_inference(workdir, _trainable_from_meta)
+  return model, tokenizer_from_json(meta["must_match"]["tokenizer"]), ml_collections.ConfigDict(meta["config"]), step
 
-  import jax
-  import ml_collections
 
-  from llmx.train.checkpoint import Checkpointer
-  from llmx.train.config_check import ConfigError
-  from llmx.train.step import supervised
-
-  ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
-  meta = ckpt.latest_meta()
-  if meta is None:
-    raise ConfigError(f"--workdir={workdir!r}: no checkpoint under {ckpt.directory}")
-  tokenizer = tokenizer_from_json(meta["must_match"]["tokenizer"])
-  gpt_config = gpt_config_from_dict(meta["must_match"]["model"])
-  config = ml_collections.ConfigDict(meta["config"])
-  tx, _ = build_optimizer(config)
-  trainable = supervised(build_model(gpt_config, seed=0), tx, lm_loss)
-  step, state, _ = ckpt.restore(jax.eval_shape(trainable.init))
-  ckpt.close()
-  return trainable.model_of(state), tokenizer, config, step
+def _trainable_from_meta(meta: dict):
+  tx, _ = build_optimizer(ml_collections.ConfigDict(meta["config"]))
+  return supervised(build_model(gpt_config_from_dict(meta["must_match"]["model"]), seed=0), tx, lm_loss)

@@ -14,7 +14,8 @@ from llmx.inference import search as decoding
 from llmx.data import translation as data_lib
 from llmx.families.seq2seq import model as transformer
 from llmx.families.seq2seq.model import Transformer, TransformerConfig
-from llmx.train import optim
+from llmx.train import optim, restore
+from llmx.train.step import supervised
 from llmx.train.config_check import (ConfigError, require_choice, require_divisible,
                                      require_positive, require_range)
 
@@ -183,26 +184,19 @@ def bleu_with_signature(hypotheses: list[str], references: list[str]) -> tuple[f
   return score, str(metric.get_signature())
 
 
-def restore_for_inference(workdir: str):
-  """-> (model, tokenizer, config, step) from the newest readable checkpoint in `workdir`."""
-  import jax
-
-  from llmx.train.checkpoint import Checkpointer
-  from llmx.train.step import supervised
-
-  ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
-  meta = ckpt.latest_meta()
-  if meta is None:
-    ckpt.close()
-    raise ConfigError(f"--workdir={workdir!r}: no checkpoint under {ckpt.directory}")
+def load_run(workdir: str):
+  """-> (model in eval mode, tokenizer, config, step) from the newest readable checkpoint of a
+  train_translation run in `workdir`."""
+  model, meta, step = restore.for_inference(workdir, _trainable_from_meta)
   tokenizer = data_lib.SubwordTokenizer.from_json(meta["must_match"]["tokenizer"])
-  model_cfg = TransformerConfig(**meta["must_match"]["model"])
+  return model, tokenizer, ml_collections.ConfigDict(meta["config"]), step
+
+
+def _trainable_from_meta(meta: dict):
   config = ml_collections.ConfigDict(meta["config"])
   tx, _ = build_optimizer(config)
-  trainable = supervised(build_model(model_cfg, seed=0), tx, loss_fn(config))
-  step, state, _ = ckpt.restore(jax.eval_shape(trainable.init))
-  ckpt.close()
-  return trainable.model_of(state), tokenizer, config, step
+  model = build_model(TransformerConfig(**meta["must_match"]["model"]), seed=0)
+  return supervised(model, tx, loss_fn(config))
 
 
 def param_count(config: TransformerConfig) -> int:

@@ -1,0 +1,33 @@
+"""Restore a trained model for inference from a run folder, for any family."""
+import pathlib
+from typing import Callable
+
+import jax
+from flax import nnx
+
+from llmx.train.checkpoint import Checkpointer
+from llmx.train.config_check import ConfigError
+from llmx.train.step import Trainable
+
+
+def for_inference(workdir: str, trainable_from_meta: Callable[[dict], Trainable]
+                  ) -> tuple[nnx.Module, dict, int]:
+  """-> (model in eval mode, the checkpoint's meta, step) from the newest readable checkpoint.
+
+  trainable_from_meta(meta): the family rebuilds the Trainable the run trained (model and
+    optimizer, from the meta its recipe saved), so the checkpoint's state tree can be read.
+  Reads only: the run folder is neither created nor changed.
+  """
+  directory = pathlib.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    raise ConfigError(f"--workdir={workdir!r}: no checkpoints folder at {directory}")
+  ckpt = Checkpointer(directory, async_save=False)
+  try:
+    meta = ckpt.latest_meta()
+    if meta is None:
+      raise ConfigError(f"--workdir={workdir!r}: no checkpoint under {ckpt.directory}")
+    trainable = trainable_from_meta(meta)
+    step, state, _ = ckpt.restore(jax.eval_shape(trainable.init))
+  finally:
+    ckpt.close()
+  return trainable.model_of(state), meta, step
