@@ -18,7 +18,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from llmx.families.lm import recipe as lm_setup
+from llmx.families.lm import recipe as lm_recipe
 from llmx.train.launch import run
 from llmx.inference.sampling import generate_batch, generate_uncached
 
@@ -43,12 +43,12 @@ def timed(fn, rounds: int) -> tuple[np.ndarray, float]:
 def main(argv):
   del argv
   if _WORKDIR.value:
-    model, _, _, _ = lm_setup.load_run(_WORKDIR.value)
+    model, _, _, _ = lm_recipe.load_run(_WORKDIR.value)
   else:
     c = _CONFIG.value
     c.model.block_size = _PROMPT.value + _NEW.value
-    lm_setup.validate(c)
-    model = lm_setup.build_model(lm_setup.model_config(c, vocab_size=c.data.vocab_size
+    lm_recipe.validate(c)
+    model = lm_recipe.build_model(lm_recipe.model_config(c, vocab_size=c.data.vocab_size
                                                        if c.data.tokenizer == "bpe" else 65), 0)
     model.eval()
   context = model.config.block_size

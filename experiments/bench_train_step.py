@@ -2,26 +2,25 @@ r"""Times the LM train step of a config: ms/step, tokens/s and model FLOP utilis
 
   python -m experiments.bench_train_step --config=experiments/configs/lm.py:nanogpt_baby
 
+The step is the one training runs (optimizer, model.dtype, model.remat, train.grad_accum_steps).
 MFU divides the analytic model FLOPs (6N + attention, per token) by the step time and by a peak:
 `--peak_tflops` if given (a GPU or TPU's spec sheet), else the measured rate of a large float32
 matmul on this machine, so CPU figures are against what the cores really reach. Runs several
 rounds and reports the median, since a shared machine drifts by tens of percent within minutes.
 """
 import statistics
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from flax import nnx
 from ml_collections import config_flags
 
-from llmx.families.lm import recipe as lm_setup
-from llmx.train.launch import run
 from llmx.data.lm_windows import lm_batches
-from llmx.families.lm.model import flops_per_token, num_params
-from llmx.train import metrics as metrics_lib
-from llmx.train.step import supervised
+from llmx.families.lm import model as gpt, recipe
+from llmx.nn.params import num_params
+from llmx.train import bench, metrics as metrics_lib
+from llmx.train.launch import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/lm.py:nanogpt_baby",
                                           "LM config.")
@@ -34,38 +33,23 @@ _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s; 0: the spec
 def main(argv):
   del argv
   c = _CONFIG.value
-  lm_setup.validate(c)
-  _, train_tokens, _ = lm_setup.load_tokens(c)
-  gpt_config = lm_setup.model_config(c, vocab_size=int(train_tokens.max()) + 1)
-  model = lm_setup.build_model(gpt_config, c.train.seed)
-  tx, _ = lm_setup.build_optimizer(c)
-  trainable = supervised(model, tx, lm_setup.lm_loss)
-  state = trainable.init()
-  step_fn = jax.jit(trainable.train_step, donate_argnums=0)
-  data = lm_batches(train_tokens, block_size=c.model.block_size, batch_size=c.train.batch_size,
-                    seed=0)
-  batches = [jnp.asarray(data[i]) for i in range(8)]
-  for i in range(5):  # compile and warm up
-    state, metrics = step_fn(state, batches[i % 8])
-  jax.block_until_ready(state)
-
-  round_ms = []
-  for _ in range(_ROUNDS.value):
-    t = time.perf_counter()
-    for i in range(_STEPS.value):
-      state, metrics = step_fn(state, batches[i % 8])
-    jax.block_until_ready(state)
-    round_ms.append(1e3 * (time.perf_counter() - t) / _STEPS.value)
+  recipe.validate(c)
+  _, train_tokens, _ = recipe.load_tokens(c)
+  gpt_config = recipe.model_config(c, vocab_size=int(train_tokens.max()) + 1)
+  trainable, _ = recipe.trainable(c, gpt_config)
+  data = lm_batches(train_tokens, block_size=c.model.block_size, batch_size=c.train.batch_size, seed=0)
+  round_ms, metrics = bench.time_train_step(trainable, [data[i] for i in range(8)],
+                                            steps=_STEPS.value, rounds=_ROUNDS.value)
   ms = statistics.median(round_ms)
-
-  n_params = num_params(model)
+  n_params = num_params(nnx.eval_shape(lambda: recipe.build_model(gpt_config, 0)), skip=("wpe",))
   tokens = c.train.batch_size * c.model.block_size
-  flops = tokens * flops_per_token(gpt_config, n_params, c.model.block_size)
+  flops = tokens * gpt.flops_per_token(gpt_config, n_params, c.model.block_size)
   peak = _PEAK.value * 1e12 if _PEAK.value else metrics_lib.peak_flops(jax.devices())
   peak_kind = ("given peak" if _PEAK.value else
                "measured f32 matmul" if jax.devices()[0].platform == "cpu" else "spec sheet peak")
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}")
-  print(f"model: {n_params / 1e6:.2f}M params, batch {c.train.batch_size} x {c.model.block_size} tokens")
+  print(f"model: {n_params / 1e6:.2f}M params, batch {c.train.batch_size} x {c.model.block_size} "
+        f"tokens, {c.model.dtype}, remat {c.model.remat}, {c.train.grad_accum_steps} micro-batches")
   print(f"rounds (ms/step): {', '.join(f'{r:.1f}' for r in round_ms)}")
   print(f"ms/step (median): {ms:.2f}")
   print(f"tokens/s:         {tokens / ms * 1e3:,.0f}")
@@ -73,8 +57,8 @@ def main(argv):
   if peak:
     print(f"MFU:              {flops / (ms / 1e3) / peak:.1%} of {peak / 1e9:.0f} GFLOP/s "
           f"({peak_kind})")
-  print(f"final loss:       {float(metrics['train_loss']):.4f}")
-  assert np.isfinite(float(metrics["train_loss"]))
+  print(f"final loss:       {metrics['train_loss']:.4f}")
+  assert np.isfinite(metrics["train_loss"])
 
 
 if __name__ == "__main__":

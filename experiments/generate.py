@@ -13,7 +13,7 @@ import sys
 
 from absl import flags
 
-from llmx.families.lm import recipe as lm_setup
+from llmx.families.lm import recipe as lm_recipe
 from llmx.train.launch import run
 from llmx.inference.sampling import GenerationError, check_sampling_args, generate_batch
 
@@ -46,7 +46,7 @@ def main(argv):
   del argv
   check_sampling_args(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                       top_k=_TOP_K.value, top_p=_TOP_P.value, max_length=_MAX_LENGTH.value or None)
-  model, tokenizer, _, _ = lm_setup.load_run(_WORKDIR.value)
+  model, tokenizer, _, _ = lm_recipe.load_run(_WORKDIR.value)
   prompts = [tokenizer.encode(p) for p in _PROMPT.value]
   for text, ids in zip(_PROMPT.value, prompts):
     if ids.size == 0:

@@ -16,7 +16,7 @@ import time
 from absl import flags
 
 from llmx.train.launch import run
-from llmx.families.seq2seq import recipe as setup
+from llmx.families.seq2seq import evaluate, recipe as setup
 from llmx.inference.search import DecodingError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder with checkpoints/.", required=True)
@@ -34,10 +34,10 @@ def split_bleu(model, tokenizer, config, step):
   if _BLEU_PAIRS.value:
     pairs = pairs[:_BLEU_PAIRS.value]
   start = time.perf_counter()
-  hyps, truncated = setup.translate(model, tokenizer, [p[0] for p in pairs],
+  hyps, truncated = evaluate.translate(model, tokenizer, [p[0] for p in pairs],
                                     beam_size=_BEAM.value, length_penalty=_LENGTH_PENALTY.value,
                                     batch_size=config.eval.decode_batch, truncate=True)
-  score, signature = setup.bleu_with_signature(hyps, [p[1] for p in pairs])
+  score, signature = evaluate.bleu_with_signature(hyps, [p[1] for p in pairs])
   report = dict(step=step, split=_BLEU_SPLIT.value, bleu=score, pairs=len(pairs),
                 beam_size=_BEAM.value, length_penalty=_LENGTH_PENALTY.value, truncated=truncated,
                 decode_seconds=time.perf_counter() - start, signature=signature)
@@ -61,11 +61,11 @@ def main(argv):
     raise DecodingError(f"--length_penalty={_LENGTH_PENALTY.value}: must be >= 0")
   for i, s in enumerate(sentences):  # before the checkpoint is read: a quick answer
     if not s.strip():
-      raise setup.TranslationError(f"sentence {i} is empty: nothing to translate")
+      raise evaluate.TranslationError(f"sentence {i} is empty: nothing to translate")
   model, tokenizer, config, step = setup.load_run(_WORKDIR.value)
   if _BLEU_SPLIT.value:
     return split_bleu(model, tokenizer, config, step)
-  translations, _ = setup.translate(model, tokenizer, sentences, beam_size=_BEAM.value,
+  translations, _ = evaluate.translate(model, tokenizer, sentences, beam_size=_BEAM.value,
                                     length_penalty=_LENGTH_PENALTY.value)
   print("\n".join(translations), flush=True)
 

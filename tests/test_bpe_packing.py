@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmx.families.lm import recipe as lm_setup
+from llmx.families.lm import recipe as lm_recipe
 from llmx.data import packing
 from llmx.data.bpe_tokenizer import END_OF_TEXT, BPETokenizer
 from llmx.data.corpus import DataError
 from llmx.families.lm.model import GPT, GPTConfig
+from tests.conftest import load_config
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_deterministic_training_json_round_trip_and_files(tokenizer, shakespeare
   again = BPETokenizer.train(shakespeare[:100_000], 400)
   assert again == tokenizer
   assert again.to_json_string() == tokenizer.to_json_string()
-  restored = lm_setup.tokenizer_from_json(tokenizer.to_json())
+  restored = lm_recipe.tokenizer_from_json(tokenizer.to_json())
   assert restored == tokenizer and isinstance(restored, BPETokenizer)
   tokenizer.save(str(tmp_path / "tokenizer.json"))
   loaded = BPETokenizer.from_file(str(tmp_path / "tokenizer.json"))
@@ -84,14 +85,13 @@ def test_tokenizer_errors(tmp_path):
 def test_pretrained_tokenizer_path_and_character_split(tmp_path, tokenizer, shakespeare):
   """data.tokenizer_path loads a tokenizer.json; the validation split is the same characters
   whatever the tokenizer, so losses per character compare."""
-  from experiments.configs import lm as lm_config
   tokenizer.save(str(tmp_path / "tokenizer.json"))
   (tmp_path / "text.txt").write_text(shakespeare[:50_000])
-  c = lm_config.get_config("llama_tiny")
+  c = load_config("lm.py:llama_tiny")
   c.data.update(path=str(tmp_path / "text.txt"), tokenizer_path=str(tmp_path / "tokenizer.json"))
-  tok, train, val = lm_setup.load_tokens(c)
+  tok, train, val = lm_recipe.load_tokens(c)
   assert tok == tokenizer
-  assert tok.decode(val) == lm_setup.validation_text(c) == shakespeare[45_000:50_000]
+  assert tok.decode(val) == lm_recipe.validation_text(c) == shakespeare[45_000:50_000]
   assert tok.decode(train) == shakespeare[:45_000]
 
 
@@ -155,7 +155,7 @@ def test_packed_rows_give_the_per_document_loss_of_unpacked_documents():
       np.testing.assert_allclose(got[tuple(doc)], doc_losses[:len(doc) - 1], atol=2e-5, rtol=0)
     # The training loss of packed batches is the mean over the documents' tokens.
     mean = np.mean(np.concatenate([got[tuple(d)] for d in docs]))
-    np.testing.assert_allclose(nnx.jit(lm_setup.lm_loss)(model, jnp.asarray(packed)), mean,
+    np.testing.assert_allclose(nnx.jit(lm_recipe.lm_loss)(model, jnp.asarray(packed)), mean,
                                rtol=1e-5)
 
 

@@ -5,7 +5,8 @@ import optax
 import pytest
 from flax import nnx
 
-from llmx.families.lm.model import GPT, GPTConfig, num_params
+from llmx.families.lm.model import GPT, GPTConfig
+from llmx.nn.params import num_params
 
 
 def tiny(**kw):

@@ -3,10 +3,9 @@ import json
 
 import pytest
 
-from llmx.families.lm import recipe as lm_setup
-from experiments.configs import lm as lm_config
+from llmx.families.lm import recipe as lm_recipe
 from llmx.train.config_check import ConfigError
-from tests.conftest import cli
+from tests.conftest import cli, load_config
 
 
 def test_pretrain_resume_and_generate(tmp_path, data_dir):
@@ -42,22 +41,22 @@ def test_config_errors_are_one_line_and_name_the_field(tmp_path):
     (dict(model=dict(attention_impl="flash")), r"model.attention_impl='flash'"),
 ])
 def test_config_validation(overrides, message):
-  c = lm_config.get_config("smoke")
+  c = load_config("lm.py:smoke")
   for section, values in overrides.items():
     c[section].update(values)
   with pytest.raises(ConfigError, match=message):
-    lm_setup.validate(c)
+    lm_recipe.validate(c)
 
 
 def test_block_size_longer_than_a_split(tmp_path):
   path = tmp_path / "small.txt"
   path.write_text("to be or not to be, that is the question\n" * 5)
-  c = lm_config.get_config("smoke")
+  c = load_config("lm.py:smoke")
   c.data.path = str(path)
   with pytest.raises(ConfigError, match=r"model.block_size=32 is longer than the validation split \(21 tokens"):
-    lm_setup.load_tokens(c)
+    lm_recipe.load_tokens(c)
 
 
 def test_unknown_variant():
   with pytest.raises(ValueError, match="unknown variant 'tiny'"):
-    lm_config.get_config("tiny")
+    load_config("lm.py:tiny")

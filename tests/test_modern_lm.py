@@ -7,13 +7,13 @@ import optax
 import pytest
 from flax import nnx
 
-from llmx.families.lm import recipe as lm_setup
-from experiments.configs import lm as lm_config
-from llmx.families.lm.model import GPT, GPTConfig, num_params
+from llmx.families.lm import recipe as lm_recipe
+from llmx.families.lm.model import GPT, GPTConfig
+from llmx.nn.params import num_params
 from llmx.nn.mlp import SwiGLU
 from llmx.nn.rope import apply_rope
 from llmx.train.config_check import ConfigError
-from tests.conftest import cli
+from tests.conftest import cli, load_config
 
 VOCAB = 43
 LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False,
@@ -143,23 +143,23 @@ def test_bad_model_arguments():
     (dict(data=dict(tokenizer="char", tokenizer_path="t.json")), r"needs data.tokenizer='bpe'"),
 ])
 def test_config_validation(overrides, message):
-  c = lm_config.get_config("llama_tiny")
+  c = load_config("lm.py:llama_tiny")
   for section, values in overrides.items():
     c[section].update(values)
   with pytest.raises(ConfigError, match=message):
-    lm_setup.validate(c)
+    lm_recipe.validate(c)
 
 
 def test_llama_tiny_matches_the_gpt2_style_baseline_in_size():
-  c = lm_config.get_config("llama_tiny")
-  lm_setup.validate(c)
-  llama = lm_setup.model_config(c, 2048)
+  c = load_config("lm.py:llama_tiny")
+  lm_recipe.validate(c)
+  llama = lm_recipe.model_config(c, 2048)
   assert (llama.positions, llama.norm, llama.mlp, llama.n_kv_head, llama.bias,
           llama.tie_embeddings, llama.logits_soft_cap) == ("rope", "rmsnorm", "swiglu", 2, False,
                                                            False, 30.0)
   c.model.update(positions="learned", norm="layernorm", mlp="gelu", n_kv_head=0, bias=True,
                  logits_soft_cap=0.0, mlp_hidden=0)
-  baseline = lm_setup.model_config(c, 2048)
+  baseline = lm_recipe.model_config(c, 2048)
   n_llama = num_params(nnx.eval_shape(lambda: GPT(llama, rngs=nnx.Rngs(0))))
   n_base = num_params(nnx.eval_shape(lambda: GPT(baseline, rngs=nnx.Rngs(0))))
   assert abs(n_llama - n_base) / n_base < 0.01, (n_llama, n_base)

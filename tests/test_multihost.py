@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from llmx.families.lm import recipe as lm_setup
+from llmx.families.lm import recipe as lm_recipe
 from llmx.train import distributed
 from llmx.train.config_check import ConfigError
 from tests.conftest import REPO
@@ -49,7 +49,7 @@ def finish(proc, name):
 
 
 def params_of(workdir):
-  model, _, _, step = lm_setup.load_run(str(workdir))
+  model, _, _, step = lm_recipe.load_run(str(workdir))
   from flax import nnx
   return step, [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmx.families.lm import recipe as lm_setup
+from llmx.families.lm import recipe as lm_recipe
 from llmx.data.lm_windows import fixed_batches, lm_batches
 from llmx.families.lm.model import GPT, GPTConfig
 from llmx.train import loop, optim
@@ -77,7 +77,7 @@ def metrics(workdir) -> dict:
 
 
 def final_state(workdir):
-  model, _, _, step = lm_setup.load_run(str(workdir))
+  model, _, _, step = lm_recipe.load_run(str(workdir))
   as_numpy = lambda x: np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
       x.dtype, jax.dtypes.prng_key) else x)
   return step, [as_numpy(x) for x in jax.tree.leaves(nnx.state(model))]

@@ -24,6 +24,7 @@ from llmx.train.config_check import ConfigError
 from llmx.train.mesh import (check_batch_size, data_shard, make_mesh, mesh_shape, process_rows)
 from llmx.train.sharding import RULES, logical_axes, partition_spec, state_shardings
 from llmx.train.step import microbatches, supervised
+from tests.conftest import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=4, d_model=64)
@@ -125,13 +126,12 @@ def test_mesh_shape_resolves_the_rest_and_batch_checks():
      r"train.batch_size=6 is not divisible by train.grad_accum_steps=4"),
 ])
 def test_scaling_config_errors(overrides, message):
-  from llmx.families.lm import recipe as lm_setup
-  from experiments.configs import lm as lm_config
-  c = lm_config.get_config("smoke")
+  from llmx.families.lm import recipe as lm_recipe
+  c = load_config("lm.py:smoke")
   for section, values in overrides.items():
     c[section].update(values)
   with pytest.raises(ConfigError, match=message):
-    lm_setup.validate(c)
+    lm_recipe.validate(c)
 
 
 def test_microbatches_interleave_rows():

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmx.families.seq2seq import recipe as setup
-from experiments.configs import translation as translation_config
+from llmx.families.seq2seq import evaluate, recipe as setup
 from llmx.inference import search as decoding
 from llmx.data import translation as data_lib
 from llmx.families.seq2seq.model import Transformer, TransformerConfig
 from llmx.train.config_check import ConfigError
-from tests.conftest import cli
+from tests.conftest import cli, load_config
 
 BOS, EOS = 1, 2
 
@@ -163,7 +162,7 @@ def test_decode_step_matches_full_forward(options):
 
 
 def test_schedules():
-  c = translation_config.get_config("smoke")
+  c = load_config("translation.py:smoke")
   c.train.update(schedule="rsqrt", learning_rate=2e-3, warmup_steps=100)
   _, rsqrt = setup.build_optimizer(c)
   np.testing.assert_allclose([float(rsqrt(s)) for s in (0, 49, 99, 399)],
@@ -274,7 +273,7 @@ def test_malformed_lines_name_their_line_number():
 def test_malformed_data_file_is_one_line_error(tmp_path):
   path = tmp_path / "pairs.txt"
   path.write_text("Go.\tVa !\nbroken line\n", encoding="utf-8")
-  c = translation_config.get_config("smoke")
+  c = load_config("translation.py:smoke")
   c.data.path = str(path)
   with pytest.raises(data_lib.TranslationDataError, match="line 2"):
     setup.load_data(c)
@@ -346,14 +345,14 @@ def test_translate_text_errors():
   pairs = small_corpus(200)
   tok = data_lib.SubwordTokenizer.train([s for p in pairs for s in p], 80)
   model = tiny_model(vocab=tok.vocab_size, seed=7)
-  out, truncated = setup.translate(model, tok, ["The cat.", "A big red dog runs."], beam_size=2)
+  out, truncated = evaluate.translate(model, tok, ["The cat.", "A big red dog runs."], beam_size=2)
   assert len(out) == 2 and truncated == 0 and all(isinstance(s, str) for s in out)
-  with pytest.raises(setup.TranslationError, match="sentence 1 is empty"):
-    setup.translate(model, tok, ["The cat.", "   "])
+  with pytest.raises(evaluate.TranslationError, match="sentence 1 is empty"):
+    evaluate.translate(model, tok, ["The cat.", "   "])
   long = " ".join(["the big red house"] * 10)
-  with pytest.raises(setup.TranslationError, match="more than the model's max_len=24"):
-    setup.translate(model, tok, [long])
-  _, truncated = setup.translate(model, tok, [long, "The cat."], beam_size=2, truncate=True)
+  with pytest.raises(evaluate.TranslationError, match="more than the model's max_len=24"):
+    evaluate.translate(model, tok, [long])
+  _, truncated = evaluate.translate(model, tok, [long, "The cat."], beam_size=2, truncate=True)
   assert truncated == 1
 
 
@@ -366,7 +365,7 @@ def test_translate_text_errors():
     ("eval", "beam_size", 0, "eval.beam_size=0: must be an integer > 0"),
 ])
 def test_config_validation(section, field, value, message):
-  c = translation_config.get_config("smoke")
+  c = load_config("translation.py:smoke")
   c[section][field] = value
   with pytest.raises(ConfigError, match=message):
     setup.validate(c)

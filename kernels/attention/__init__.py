@@ -23,11 +23,11 @@ from . import common
 
 # name -> module (imported on first use, so the Pallas backends cost nothing until called).
 IMPLEMENTATIONS = {
-    "xla": "kernels.attention.reference",
-    "xla_chunked": "kernels.attention.xla_chunked",
-    "triton": "kernels.attention.triton",
-    "cudnn": "kernels.attention.cudnn",
-    "mosaic_tpu": "kernels.attention.mosaic_tpu",
+    "xla": ".reference",
+    "xla_chunked": ".xla_chunked",
+    "triton": ".triton",
+    "cudnn": ".cudnn",
+    "mosaic_tpu": ".mosaic_tpu",
 }
 # Pallas kernels: the ones ``interpret=True`` applies to.
 PALLAS_IMPLEMENTATIONS = ("triton", "mosaic_tpu")
@@ -64,7 +64,7 @@ class AttentionArgs:
 
 
 def _module(name: str):
-  return importlib.import_module(IMPLEMENTATIONS[name])
+  return importlib.import_module(IMPLEMENTATIONS[name], __name__)
 
 
 def _platform() -> str:

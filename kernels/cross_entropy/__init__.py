@@ -31,10 +31,10 @@ from .. import platforms
 
 # implementation name -> module holding ``per_token_loss(x, weight, labels, *, ...)``.
 _IMPLEMENTATIONS = {
-    "xla": "kernels.cross_entropy.reference",
-    "xla_chunked": "kernels.cross_entropy.xla_chunked",
-    "triton": "kernels.cross_entropy.triton",
-    "mosaic_tpu": "kernels.cross_entropy.mosaic_tpu",
+    "xla": ".reference",
+    "xla_chunked": ".xla_chunked",
+    "triton": ".triton",
+    "mosaic_tpu": ".mosaic_tpu",
 }
 IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
 REDUCTIONS = ("mean", "sum", "none")
@@ -54,7 +54,7 @@ def get_implementation(name: str):
   if name not in _IMPLEMENTATIONS:
     raise ValueError(f"linear_cross_entropy: unknown implementation={name!r}; choose from "
                      f"{', '.join(IMPLEMENTATIONS)} or None")
-  return importlib.import_module(_IMPLEMENTATIONS[name]).per_token_loss
+  return importlib.import_module(_IMPLEMENTATIONS[name], __name__).per_token_loss
 
 
 def _is_concrete(a) -> bool:

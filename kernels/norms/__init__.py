@@ -26,9 +26,9 @@ from .. import platforms
 
 # implementation name -> module holding ``layer_norm(...)`` and ``rms_norm(...)``.
 _IMPLEMENTATIONS = {
-    "xla": "kernels.norms.reference",
-    "triton": "kernels.norms.triton",
-    "mosaic_tpu": "kernels.norms.mosaic_tpu",
+    "xla": ".reference",
+    "triton": ".triton",
+    "mosaic_tpu": ".mosaic_tpu",
 }
 IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
 
@@ -45,7 +45,7 @@ def get_implementation(op: str, name: str | None):
   if name not in _IMPLEMENTATIONS:
     raise ValueError(f"{op}: unknown implementation={name!r}; choose from "
                      f"{', '.join(IMPLEMENTATIONS)} or None")
-  return getattr(importlib.import_module(_IMPLEMENTATIONS[name]), op)
+  return getattr(importlib.import_module(_IMPLEMENTATIONS[name], __name__), op)
 
 
 def _check(op, x, params, epsilon):

@@ -23,9 +23,9 @@ from .. import platforms
 
 # implementation name -> module holding a ``softmax(x, where, *, axis, scale, interpret)``.
 _IMPLEMENTATIONS = {
-    "xla": "kernels.softmax.reference",
-    "triton": "kernels.softmax.triton",
-    "mosaic_tpu": "kernels.softmax.mosaic_tpu",
+    "xla": ".reference",
+    "triton": ".triton",
+    "mosaic_tpu": ".mosaic_tpu",
 }
 IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
 
@@ -42,7 +42,7 @@ def get_implementation(name: str | None):
   if name not in _IMPLEMENTATIONS:
     raise ValueError(f"softmax: unknown implementation={name!r}; choose from "
                      f"{', '.join(IMPLEMENTATIONS)} or None")
-  return importlib.import_module(_IMPLEMENTATIONS[name]).softmax
+  return importlib.import_module(_IMPLEMENTATIONS[name], __name__).softmax
 
 
 def _normalize_axes(axis, ndim):

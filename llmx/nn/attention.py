@@ -10,6 +10,9 @@ import llmx_kernels as kernels
 from llmx.nn.axes import EMBED, HEADS, with_axes
 from llmx.nn.rope import apply_rope
 
+# The values of a config's `model.attention_impl`: "" lets the kernel pick per platform.
+ATTENTION_IMPLS = ("",) + tuple(kernels.attention.IMPLEMENTATIONS)
+
 
 class SelfAttention(nnx.Module):
   """Self-attention over [batch * seq, d_model] activations.

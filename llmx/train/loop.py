@@ -51,6 +51,7 @@ class TrainResult:
   step: int
   history: list                 # every logged metrics dict
   preempted: bool = False
+  final: dict = dataclasses.field(default_factory=dict)  # the recipe's finish() report, if any
 
 
 class _Preemption:

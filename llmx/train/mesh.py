@@ -107,3 +107,15 @@ def process_rows(batch, mesh):
 def global_batch(local_batch, sharding: NamedSharding):
   """Assembles the global batch (a pytree of arrays) from each process's rows."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def on_every_host(model, mesh):
+  """The model with whole parameters in this host's memory, so one process can sample alone.
+  With several processes this gathers the shards: every process must call it."""
+  from flax import nnx
+  if jax.process_count() == 1:
+    return model
+  params = nnx.state(model, nnx.Param)
+  gathered = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))(params)
+  nnx.update(model, jax.tree.map(np.asarray, gathered))
+  return model

@@ -29,7 +29,7 @@ class Experiment:
   flops_per_step: float = 0.0            # for MFU
   rules: dict | None = None              # logical axis -> mesh axis, when not the mesh's default
   best_mode: str = "min"                 # whether train.keep_best_metric is best low or high
-  finish: Callable[[Any], None] | None = None  # (loop.TrainResult) -> None, after training
+  finish: Callable[[Any], dict | None] | None = None  # (loop.TrainResult) -> report, after training
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,5 +27,5 @@ def train(recipe: Recipe, config: ml_collections.ConfigDict, workdir: str) -> lo
                            tokens_per_step=exp.tokens_per_step,
                            flops_per_step=exp.flops_per_step))
   if exp.finish is not None:
-    exp.finish(result)
+    result.final = exp.finish(result) or {}
   return result

@@ -317,10 +317,6 @@ def from_pretrained(path, **kwargs) -> BertModel:
   return bert_hf.from_pretrained(path, **kwargs)
 
 
-def num_params(model: nnx.Module) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 def flops_per_token(c: BertConfig, seq: int) -> float:
   """Training FLOPs per token of the encoder (6 x the matmul parameters, plus attention scores
   and values, forward and backward); embeddings are lookups and not counted."""

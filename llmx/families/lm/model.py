@@ -252,14 +252,6 @@ class GPT(nnx.Module):
     return self.ln_f(x).reshape(batch, seq, -1), new_cache
 
 
-def num_params(model: nnx.Module, *, exclude_positions: bool = True) -> int:
-  """Parameter count; nanoGPT reports it without the position embeddings."""
-  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  if exclude_positions and isinstance(model, GPT) and model.wpe is not None:
-    n -= math.prod(model.wpe.shape)  # works on abstract models (nnx.eval_shape) too
-  return n
-
-
 def flops_per_token(c: GPTConfig, n_params: int, seq: int) -> float:
   """Training FLOPs per token (PaLM appendix B): 6N for the matmuls with parameters plus
   12 * n_layer * d_model * seq for attention scores and values, forward and backward."""

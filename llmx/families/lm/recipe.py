@@ -1,8 +1,12 @@
-"""The one place an LM config becomes modules: validation, tokenizer, model, optimizer."""
+"""The decoder-LM recipe: the one place an LM config becomes modules (tokenizer, data, model,
+optimizer, loss step) and a run (`RECIPE`, trained by `llmx.train.run.train`)."""
 import dataclasses
+import functools
+import logging
+
+import jax
 
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from llmx.data import corpus
@@ -11,12 +15,18 @@ from llmx.data.char_tokenizer import CharTokenizer
 from llmx.data.packing import split_packed
 from llmx.families.lm import model as gpt
 from llmx.families.lm.model import GPT, GPTConfig
+from llmx.data.lm_windows import fixed_batches, lm_batches
+from llmx.inference.sampling import generate
+from llmx.nn.attention import ATTENTION_IMPLS
+from llmx.nn.params import num_params
 from llmx.train import optim, restore
+from llmx.train.mesh import check_batch_size, data_shard, on_every_host, process_rows
+from llmx.train.recipe import Experiment, Recipe
 from llmx.train.step import supervised
 from llmx.train.config_check import (ConfigError, require_choice, require_divisible,
                                      require_positive, require_range)
 
-ATTENTION_IMPLS = ("", "xla", "xla_chunked", "triton", "cudnn", "mosaic_tpu")
+log = logging.getLogger("llmx")
 
 
 def validate(c: ml_collections.ConfigDict):
@@ -29,9 +39,7 @@ def validate(c: ml_collections.ConfigDict):
   require_range(c, "model.dropout", 0.0, 1.0)
   require_range(c, "data.val_fraction", 0.0, 1.0, low_open=True)
   require_range(c, "train.learning_rate", 0.0, float("inf"), low_open=True)
-  if c.model.attention_impl not in ATTENTION_IMPLS:
-    raise ConfigError(f"model.attention_impl={c.model.attention_impl!r}: must be one of "
-                      f"{', '.join(map(repr, ATTENTION_IMPLS))}")
+  require_choice(c, "model.attention_impl", ATTENTION_IMPLS)
   validate_modern(c)
   validate_scaling(c)
 
@@ -155,25 +163,67 @@ def lm_loss(model: GPT, batch):
   return model.loss(batch[:, :-1], batch[:, 1:])
 
 
-def gpt_config_from_dict(d: dict) -> GPTConfig:
-  return GPTConfig(**d)
+def trainable(c: ml_collections.ConfigDict, gpt_config: GPTConfig):
+  """The train/eval steps the config asks for (optimizer, micro-batches, compute dtype, remat).
+  The model is given as a builder, so the loop creates its parameters already sharded."""
+  build = functools.partial(build_model, gpt_config, c.train.seed, remat=c.model.remat)
+  tx, schedule = build_optimizer(c)
+  return supervised(build, tx, lm_loss, grad_accum_steps=c.train.grad_accum_steps,
+                    compute_dtype=compute_dtype(c)), schedule
 
 
-def gpt_config_to_dict(g: GPTConfig) -> dict:
-  return dataclasses.asdict(g)
+def experiment(c: ml_collections.ConfigDict, mesh, workdir: str) -> Experiment:
+  del workdir
+  check_batch_size(mesh, c.train.batch_size, grad_accum_steps=c.train.grad_accum_steps)
+  tokenizer, train_tokens, val_tokens = load_tokens(c)
+  gpt_config = model_config(c, tokenizer.vocab_size)
+  steps, schedule = trainable(c, gpt_config)
+  n_params = num_params(nnx.eval_shape(lambda: build_model(gpt_config, 0)), skip=("wpe",))
+  log.info("model: %.2fM parameters, vocab %d, %d train / %d val tokens, %d devices in %d "
+           "processes", n_params / 1e6, tokenizer.vocab_size, len(train_tokens), len(val_tokens),
+           jax.device_count(), jax.process_count())
+  batches = dict(block_size=c.model.block_size, batch_size=c.train.batch_size)
+  # Each process loads only the rows of each global batch that its own devices hold.
+  shard_index, shard_count = data_shard(mesh, c.train.batch_size)
+  eval_batches = fixed_batches(val_tokens, seed=c.train.seed + 1,
+                               num_batches=c.train.eval_batches, **batches)
+  tokens_per_step = c.train.batch_size * c.model.block_size
+
+  def finish(result):
+    """A sample from the trained model, as nanoGPT prints one."""
+    s = c.sample
+    if not s.max_new_tokens or result.preempted:
+      return
+    model = on_every_host(result.model, mesh)
+    if jax.process_index() == 0:
+      out = generate(model, tokenizer.encode(s.prompt), max_new_tokens=s.max_new_tokens,
+                     block_size=c.model.block_size, temperature=s.temperature, top_k=s.top_k,
+                     seed=s.seed)
+      print(f"--- sample after step {result.step} ---\n{tokenizer.decode(out)}\n---", flush=True)
+
+  return Experiment(
+      trainable=steps, schedule=schedule,
+      train_batches=lm_batches(train_tokens, seed=c.train.seed, **batches,
+                               process_index=shard_index, process_count=shard_count),
+      eval_batches=[process_rows(b, mesh) for b in eval_batches],
+      meta=dict(must_match=dict(model=dataclasses.asdict(gpt_config), tokenizer=tokenizer.to_json()),
+                config=c.to_dict(), n_params=n_params),
+      tokens_per_step=tokens_per_step,
+      flops_per_step=tokens_per_step * gpt.flops_per_token(gpt_config, n_params, c.model.block_size),
+      finish=finish)
 
 
-def as_tokens(tokenizer: CharTokenizer, text: str) -> np.ndarray:
-  return tokenizer.encode(text)
+RECIPE = Recipe("lm", validate, experiment)
 
 
 def load_run(workdir: str):
   """-> (model in eval mode, tokenizer, config, step) from the newest readable checkpoint of a
   pretrain_lm run in `workdir`."""
   model, meta, step = restore.for_inference(workdir, _trainable_from_meta)
-  return model, tokenizer_from_json(meta["must_match"]["tokenizer"]), ml_collections.ConfigDict(meta["config"]), step
+  tokenizer = tokenizer_from_json(meta["must_match"]["tokenizer"])
+  return model, tokenizer, ml_collections.ConfigDict(meta["config"]), step
 
 
 def _trainable_from_meta(meta: dict):
   tx, _ = build_optimizer(ml_collections.ConfigDict(meta["config"]))
-  return supervised(build_model(gpt_config_from_dict(meta["must_match"]["model"]), seed=0), tx, lm_loss)
+  return supervised(build_model(GPTConfig(**meta["must_match"]["model"]), seed=0), tx, lm_loss)

@@ -295,7 +295,3 @@ class Transformer(nnx.Module):
       x = self.dec_norm(x)
     logits = self.logits(x).astype(jnp.float32).reshape(batch, seq, -1)
     return logits, dict(cache, self_kv=new_self)
-
-
-def num_params(model: nnx.Module) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,27 +1,28 @@
-"""The one place a translation config becomes modules: validation, data, tokenizer, model,
-optimizer, loss, BLEU and restoring a run for inference."""
+"""The translation recipe: the one place a translation config becomes modules (data, tokenizer,
+model, optimizer, loss) and a run (`RECIPE`); restoring a run for inference."""
 import dataclasses
 import functools
 import logging
-import pathlib
 import time
 
+import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
-from llmx.inference import search as decoding
 from llmx.data import translation as data_lib
-from llmx.families.seq2seq import model as transformer
+from llmx.families.seq2seq import evaluate, model as transformer
 from llmx.families.seq2seq.model import Transformer, TransformerConfig
+from llmx.nn.attention import ATTENTION_IMPLS
+from llmx.nn.params import num_params
 from llmx.train import optim, restore
+from llmx.train.mesh import check_batch_size, data_shard, process_rows
+from llmx.train.recipe import Experiment, Recipe
 from llmx.train.step import supervised
 from llmx.train.config_check import (ConfigError, require_choice, require_divisible,
                                      require_positive, require_range)
 
 log = logging.getLogger("llmx")
 
-ATTENTION_IMPLS = ("", "xla", "xla_chunked", "triton", "cudnn", "mosaic_tpu")
 SCHEDULES = ("cosine", "rsqrt")
 
 
@@ -129,59 +130,40 @@ def loss_fn(c: ml_collections.ConfigDict):
   return functools.partial(translation_loss, label_smoothing=c.train.label_smoothing)
 
 
-class TranslationError(decoding.DecodingError):
-  pass
+def experiment(c: ml_collections.ConfigDict, mesh, workdir: str) -> Experiment:
+  data = load_data(c)
+  config = model_config(c, data.tokenizer.vocab_size)
+  tx, schedule = build_optimizer(c)
+  trainable = supervised(functools.partial(build_model, config, c.train.seed), tx, loss_fn(c))
+  n_params = num_params(nnx.eval_shape(lambda: build_model(config, 0)))
+  batches = data_lib.TokenBatches(data.train, tokens_per_batch=c.train.tokens_per_batch,
+                                  max_len=c.data.max_train_len, seed=c.train.seed,
+                                  row_multiple=8 * jax.device_count())
+  for rows in batches.rows:
+    check_batch_size(mesh, rows, field="rows of a train.tokens_per_batch batch")
+  shard_index, shard_count = data_shard(mesh, batches.rows[0])
+  val = data_lib.encode_pairs(data.tokenizer, data.splits.val, max_len=c.data.max_train_len)
+  # One shape for every evaluation batch (the longest bucket): one compilation.
+  eval_batches = data_lib.eval_batches(val, tokens_per_batch=c.train.tokens_per_batch,
+                                       max_len=c.data.max_train_len,
+                                       num_batches=c.train.eval_batches)
+  log.info("model: %.2fM parameters, vocab %d; %d batches per epoch (rows per length: %s); "
+           "%d devices", n_params / 1e6, data.tokenizer.vocab_size, batches.batches_per_epoch,
+           dict(zip(batches.buckets, batches.rows)), jax.device_count())
+  return Experiment(
+      trainable=trainable, schedule=schedule,
+      train_batches=data_lib.train_batches(batches, process_index=shard_index,
+                                           process_count=shard_count),
+      eval_batches=[process_rows(b, mesh) for b in eval_batches],
+      meta=dict(must_match=dict(model=dataclasses.asdict(config), tokenizer=data.tokenizer.to_json()),
+                config=c.to_dict(), n_params=n_params),
+      evaluate=evaluate.val_bleu_evaluator(data.tokenizer, data.splits.val[:c.data.bleu_val_pairs]),
+      tokens_per_step=c.train.tokens_per_batch,
+      finish=functools.partial(evaluate.report_test_bleu, c, data.tokenizer, data.splits.test,
+                               workdir=workdir, n_params=n_params))
 
 
-def translate(model: Transformer, tokenizer: data_lib.SubwordTokenizer, sentences: list[str], *,
-              beam_size: int = 4, length_penalty: float = 0.6, batch_size: int = 250,
-              truncate: bool = False) -> tuple[list[str], int]:
-  """English sentences -> (French sentences, number of sources truncated).
-
-  beam_size 1 with length_penalty 0 is greedy decoding. An empty sentence raises
-  TranslationError; one longer than model.max_len tokens raises it too unless truncate=True
-  (its first max_len - 1 subwords are translated). Sentences are decoded in batches sorted by
-  length, so that each batch pads little.
-  """
-  for i, s in enumerate(sentences):
-    if not s.strip():
-      raise TranslationError(f"sentence {i} is empty: nothing to translate")
-  ids = [np.concatenate([x, [tokenizer.eos_id]]).astype(np.int32)
-         for x in tokenizer.encode_batch(sentences)]
-  max_len = model.config.max_len
-  if not truncate:
-    for i, x in enumerate(ids):
-      if x.size > max_len:
-        raise TranslationError(f"sentence {i} is {x.size} subwords long (with </s>), more than "
-                               f"the model's max_len={max_len}: split it into shorter sentences")
-  order = np.argsort([x.size for x in ids], kind="stable")
-  out, truncated = [None] * len(ids), 0
-  for start in range(0, len(order), batch_size):
-    chunk = order[start:start + batch_size]
-    batch = [ids[i] for i in chunk]
-    common = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, truncate=truncate)
-    if beam_size == 1 and length_penalty == 0:
-      result = decoding.greedy(model, batch, **common)
-    else:
-      result = decoding.beam_search(model, batch, beam_size=beam_size,
-                                    length_penalty=length_penalty, **common)
-    truncated += result.truncated
-    for i, tokens in zip(chunk, result.tokens):
-      out[i] = tokenizer.decode(tokens)
-  return out, truncated
-
-
-def bleu(hypotheses: list[str], references: list[str]) -> float:
-  """Corpus BLEU of detokenised text, sacreBLEU's defaults (13a tokenisation, one reference)."""
-  return bleu_with_signature(hypotheses, references)[0]
-
-
-def bleu_with_signature(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
-  """-> (BLEU, sacreBLEU's signature string of the settings, for reports)."""
-  import sacrebleu
-  metric = sacrebleu.BLEU()
-  score = metric.corpus_score(hypotheses, [references]).score
-  return score, str(metric.get_signature())
+RECIPE = Recipe("seq2seq", validate, experiment)
 
 
 def load_run(workdir: str):
@@ -197,8 +179,3 @@ def _trainable_from_meta(meta: dict):
   tx, _ = build_optimizer(config)
   model = build_model(TransformerConfig(**meta["must_match"]["model"]), seed=0)
   return supervised(model, tx, loss_fn(config))
-
-
-def param_count(config: TransformerConfig) -> int:
-  return transformer.num_params(nnx.eval_shape(lambda: build_model(config, 0)))
-
