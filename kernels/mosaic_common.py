@@ -1,12 +1,13 @@
 """Helpers the Pallas TPU (Mosaic) kernels share: interpret mode, padding, tiling.
 
+(Output structs under ``shard_map``, shared with the Triton kernels, are in ``pallas_common``.)
+
 Mosaic needs the last two dimensions of every block to be multiples of (8, 128) (16 rows
 for 2-byte dtypes, so a block holds whole packed tiles) or the whole array dimension. The
 kernels pad their operands to such multiples inside the op and slice the results back.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
@@ -45,21 +46,3 @@ def row_block(rows: int, row_elems: int, dtype, *, target_elems: int = 1 << 18,
   m = sublanes(dtype)
   br = max(m, min(max_rows, target_elems // max(row_elems, 1)) // m * m)
   return min(br, round_up(rows, m))
-
-
-def out_struct(shape, dtype, *like):
-  """``ShapeDtypeStruct`` for a kernel output. Under ``shard_map`` Pallas must know over which
-  mesh axes the output varies: the union of ``like`` (the inputs it is computed from). The
-  field is ``manual_axis_type`` on jax 0.10 and ``vma`` on other versions."""
-  ref = like[0]
-  for x in like[1:]:
-    ref = ref.ravel()[:1].astype(jnp.float32) + x.ravel()[:1].astype(jnp.float32)
-  aval = jax.typeof(ref)
-  for field, attr in (("manual_axis_type", "mat"), ("vma", "vma")):
-    value = getattr(aval, attr, None)
-    if value is not None:
-      try:
-        return jax.ShapeDtypeStruct(shape, dtype, **{field: value})
-      except TypeError:
-        pass
-  return jax.ShapeDtypeStruct(shape, dtype)

@@ -29,6 +29,16 @@ def current() -> str:
   return "gpu" if backend in _GPU_NAMES else backend
 
 
+def pallas_default(backend: str | None = None) -> str | None:
+  """The Pallas backend ``implementation=None`` picks on ``backend`` (default: ``current()``):
+  ``"triton"`` on GPUs, ``"mosaic_tpu"`` on TPUs, None elsewhere (each op then picks among
+  its XLA implementations)."""
+  backend = backend or current()
+  if backend in _GPU_NAMES:
+    return "triton"
+  return "mosaic_tpu" if backend == "tpu" else None
+
+
 @contextlib.contextmanager
 def target_platform(platform: str):
   """Within the block, ``implementation=None`` picks kernels for ``platform``."""
@@ -44,4 +54,4 @@ def target_platform(platform: str):
     _state.platform = previous
 
 
-__all__ = ["current", "target_platform"]
+__all__ = ["current", "pallas_default", "target_platform"]

@@ -14,7 +14,7 @@ from flax import nnx
 
 from llmx.families.bert import finetune
 from llmx.data.wordpiece import WordPieceTokenizer
-from llmx.families.bert import model as bert
+from llmx.families.bert import hf as bert_hf, model as bert
 from tests.conftest import REPO
 
 REFERENCE = REPO.parent / "shared" / "reference" / "minilm_public.npz"
@@ -33,7 +33,7 @@ def folder() -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def model(folder):
-  return bert.from_pretrained(folder)
+  return bert_hf.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

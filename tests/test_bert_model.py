@@ -86,7 +86,7 @@ def test_matches_numpy_reference_and_hf_export():
   ids, mask, types = random_batch(rng, 5, 13, CONFIG.vocab_size)
   out = jitted(model)(ids, mask, types)
   assert out.last_hidden_state.shape == (5, 13, 24) and out.pooler_output.shape == (5, 24)
-  ref_hidden, ref_pooled = numpy_bert(bert_hf._state_dict(model), CONFIG, ids, mask, types)
+  ref_hidden, ref_pooled = numpy_bert(bert_hf.state_dict(model), CONFIG, ids, mask, types)
   real = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(out.last_hidden_state)[real], ref_hidden[real], atol=2e-5)
   np.testing.assert_allclose(out.pooler_output, ref_pooled, atol=2e-5)
@@ -225,9 +225,10 @@ def test_hf_folder_round_trip(tmp_path):
   names = load_file(str(tmp_path / "pre" / "model.safetensors"))
   assert "bert.encoder.layer.1.attention.self.key.weight" in names
   assert names["bert.encoder.layer.0.intermediate.dense.weight"].shape == (40, 24)  # (out, in)
-  encoder = bert.from_pretrained(tmp_path / "pre")  # cls.* heads skipped, "bert." prefix stripped
-  full = bert_hf.from_pretrained(tmp_path / "pre", with_pretraining_heads=True)
-  encoder.eval(), full.eval()
+  encoder = bert_hf.from_pretrained(tmp_path / "pre")  # cls.* heads skipped, "bert." prefix stripped
+  # Loaded ready for inference (dropout off), even with a dropout rate for fine-tuning.
+  full = bert_hf.from_pretrained(tmp_path / "pre", with_pretraining_heads=True, dropout=0.3)
+  assert full.bert.config.dropout == 0.3 and full.deterministic and full.bert.layers[0].mlp_dropout.deterministic
   ids, mask, types = random_batch(rng, 2, 10, CONFIG.vocab_size)
   for a, b in zip(jitted(full)(ids, mask, types), jitted(model)(ids, mask, types)):
     np.testing.assert_allclose(a, b, atol=1e-5)
@@ -243,15 +244,15 @@ def test_hf_folder_round_trip(tmp_path):
 def test_not_a_bert_checkpoint(tmp_path):
   err = bert_hf.CheckpointFormatError
   with pytest.raises(err, match="no such folder"):
-    bert.from_pretrained(tmp_path / "absent")
+    bert_hf.from_pretrained(tmp_path / "absent")
   (tmp_path / "empty").mkdir()
   with pytest.raises(err, match="is not a Hugging Face checkpoint: no config.json"):
-    bert.from_pretrained(tmp_path / "empty")
+    bert_hf.from_pretrained(tmp_path / "empty")
   gpt = tmp_path / "gpt2"
   gpt.mkdir()
   (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
   with pytest.raises(err, match=r"model_type='gpt2', not 'bert'"):
-    bert.from_pretrained(gpt)
+    bert_hf.from_pretrained(gpt)
 
   folder = bert_hf.save_pretrained(random_model(), tmp_path / "good")
   weights = load_file(str(folder / "model.safetensors"))
@@ -260,7 +261,7 @@ def test_not_a_bert_checkpoint(tmp_path):
   (pickled / "config.json").write_text((folder / "config.json").read_text())
   (pickled / "pytorch_model.bin").write_bytes(b"not read")
   with pytest.raises(err, match=r"no model.safetensors.*pytorch_model.bin are pickle"):
-    bert.from_pretrained(pickled)
+    bert_hf.from_pretrained(pickled)
 
   def variant(name, change):
     d = tmp_path / name
@@ -273,15 +274,15 @@ def test_not_a_bert_checkpoint(tmp_path):
 
   missing = variant("missing", lambda w: [w.pop("encoder.layer.1.output.dense.bias"),
                                           w.pop("encoder.layer.0.attention.self.value.weight")])
-  with pytest.raises(err, match=r"missing weights \(2\): encoder.layer.1.output.dense.bias, "
-                                r"encoder.layer.0.attention.self.value.weight"):
-    bert.from_pretrained(missing)
+  with pytest.raises(err, match=r"missing weights \(2\): encoder.layer.0.attention.self.value.weight, "
+                                r"encoder.layer.1.output.dense.bias"):
+    bert_hf.from_pretrained(missing)
   extra = variant("extra", lambda w: w.update({"encoder.layer.2.output.dense.bias": np.zeros(24, np.float32)}))
   with pytest.raises(err, match=r"unexpected weights \(1\).*encoder.layer.2.output.dense.bias"):
-    bert.from_pretrained(extra)
+    bert_hf.from_pretrained(extra)
   shaped = variant("shaped", lambda w: w.update({"pooler.dense.weight": np.zeros((24, 23), np.float32)}))
-  with pytest.raises(err, match=r"mis-shaped weights \(1\): pooler.dense.weight: \(24, 23\), expected \(24, 24\)"):
-    bert.from_pretrained(shaped)
+  with pytest.raises(err, match=r"mis-shaped weights \(1\): pooler.dense.weight in model.safetensors: \(24, 23\), expected \(24, 24\)"):
+    bert_hf.from_pretrained(shaped)
 
 
 def test_wordpiece_tokenizer_train_save_load(tmp_path):

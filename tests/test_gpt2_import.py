@@ -13,7 +13,10 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from llmx.inference.sampling import generate
-from llmx.families.lm.model import GPT, GPTConfig, from_pretrained, save_pretrained
+from llmx.families.lm.hf import from_pretrained, save_pretrained
+from llmx.families.lm.model import GPT, GPTConfig
+from llmx.formats import CheckpointFormatError, hf
+from llmx.formats.safetensors import read_file
 from tests.conftest import REPO
 
 REFERENCE = REPO.parent / "shared" / "reference"
@@ -76,6 +79,25 @@ def test_save_load_round_trip_is_exact(gpt2_tiny, tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+
+def in_eval_mode(model) -> bool:
+  dropouts = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Dropout)]
+  return bool(dropouts) and all(d.deterministic for d in dropouts)
+
+
+def test_sharded_folder_loads_the_same_model_in_eval_mode(gpt2_tiny, tmp_path):
+  """A checkpoint split into shards with an index (as big models are) loads like the single
+  file; with dropout asked for, it still comes back ready for inference."""
+  tensors = read_file(REFERENCE / "gpt2_tiny" / "model.safetensors")
+  config = json.loads((REFERENCE / "gpt2_tiny" / "config.json").read_text())
+  hf.write_checkpoint(tmp_path, tensors, config, max_shard_bytes=300_000)
+  assert len(hf.weight_files(tmp_path)) > 2 and not (tmp_path / "model.safetensors").exists()
+  sharded = from_pretrained(tmp_path, dropout=0.1)
+  assert sharded.config.dropout == 0.1 and in_eval_mode(sharded)
+  for x, y in zip(jax.tree.leaves(nnx.state(gpt2_tiny, nnx.Param)),
+                  jax.tree.leaves(nnx.state(sharded, nnx.Param))):
+    np.testing.assert_array_equal(x, y)
+
 def test_untied_biasless_model_round_trips(tmp_path):
   """A model trained here without biases (nanoGPT's bias=False) and with an untied head exports
   with zero biases and an lm_head.weight, and computes the same logits after reloading."""
@@ -94,12 +116,12 @@ def test_untied_biasless_model_round_trips(tmp_path):
 
 
 def test_bad_folders_and_unexportable_models(tmp_path, gpt2_tiny):
-  with pytest.raises(FileNotFoundError, match="config.json"):
+  with pytest.raises(CheckpointFormatError, match="no config.json"):
     from_pretrained(tmp_path)
   save_pretrained(gpt2_tiny, tmp_path / "bad")
   config = json.loads((tmp_path / "bad" / "config.json").read_text())
   (tmp_path / "bad" / "config.json").write_text(json.dumps({**config, "n_layer": 4}))
-  with pytest.raises(ValueError, match=r"missing \['transformer.h.3"):
+  with pytest.raises(CheckpointFormatError, match=r"missing weights \(12\): transformer.h.3.ln_1.weight, "):
     from_pretrained(tmp_path / "bad")
   (tmp_path / "bad" / "config.json").write_text(
       json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))

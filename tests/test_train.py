@@ -128,3 +128,23 @@ def test_schedule_is_nanogpts_get_lr():
 
   for it in (0, 1, 50, 99, 100, 101, 777, 1999, 2000):
     assert abs(float(sched(it)) - nanogpt_get_lr(it)) < 1e-9, it
+
+
+def test_train_step_uses_dropout_even_if_the_model_came_in_eval_mode():
+  """A pretrained model loads in eval mode; training must still switch dropout on."""
+  class Dropped(nnx.Module):
+    def __init__(self, rngs):
+      self.w = nnx.Param(jnp.ones((1000,)))
+      self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self):
+      return self.drop(self.w.value).sum()
+
+  model = Dropped(nnx.Rngs(0, dropout=1))
+  model.eval()
+  trainable = supervised(model, optax.sgd(0.0), lambda m, batch: m())
+  state = trainable.init()
+  _, train_metrics = jax.jit(trainable.train_step)(state, jnp.zeros(()))
+  eval_metrics = jax.jit(trainable.eval_step)(state, jnp.zeros(()))
+  assert float(eval_metrics["loss"]) == 1000.0
+  assert float(train_metrics["train_loss"]) != 1000.0  # inverted dropout: about half, doubled

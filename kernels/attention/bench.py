@@ -9,64 +9,30 @@ Each row times the forward and the forward+backward (``jax.vjp``) of one impleme
 ``"xla"`` reference on one batch row and head. Shapes follow the FlashAttention papers: a fixed
 token budget, ``batch = tokens / seq_len``, ``num_heads = hidden / head_dim``.
 
-``attention_flops``, ``time_fn`` and ``compiled_temp_bytes`` are importable (a general
-``kernels/bench.py`` may fold this in).
+Its own table, printed row by row as the (long, on a GPU) sweep goes, over the shared harness
+of ``python -m kernels.bench`` (timing, error, compiled memory, device peaks: ``kernels/bench/``)
+and attention's FLOP count (``bench_spec.attention_flops``). ``compiled_temp_bytes`` is
+importable (the memory test uses it).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import dot_product_attention
+from ..bench import roofline, timing
+from .bench_spec import attention_flops
 
-# Dense (no sparsity) peak TFLOP/s for 16-bit matmuls by device kind; float32 is not listed
-# (the column is then left empty). Override with --peak_tflops.
-PEAK_TFLOPS_16BIT = {
-    "H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
-    "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "B200": 2250.0,
-    "RTX 4090": 165.0, "V100": 125.0,
-}
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
 
 
-def visible_pairs(q_len: int, kv_len: int, causal: bool = False, window=None) -> int:
-  """Number of (query, key) pairs attended: causal/window skip the rest (top-left aligned)."""
-  if not causal and window is None:
-    return q_len * kv_len
-  left, right = (None, None) if window is None else (
-      (window, window) if isinstance(window, int) else window)
-  if causal:
-    right = 0 if right is None else min(right, 0)
-  i = np.arange(q_len)
-  lo = np.zeros(q_len, np.int64) if left is None else np.maximum(i - left, 0)
-  hi = np.full(q_len, kv_len - 1) if right is None else np.minimum(i + right, kv_len - 1)
-  return int(np.maximum(hi - lo + 1, 0).sum())
-
-
-def attention_flops(batch: int, q_len: int, kv_len: int, num_heads: int, head_dim: int, *,
-                    causal: bool = False, window=None, backward: bool = False) -> float:
-  """Matmul FLOPs: forward 2 matmuls (q k^T, p v) = 4 * pairs * head_dim per head; the
-  backward adds 5 (recomputed s, dv, dp, dq, dk), so forward+backward = 3.5x forward."""
-  fwd = 4.0 * batch * num_heads * head_dim * visible_pairs(q_len, kv_len, causal, window)
-  return fwd * 3.5 if backward else fwd
-
-
-def time_fn(fn, *args, iters: int = 10, warmup: int = 1) -> float:
-  """Median wall seconds of ``fn(*args)`` (already jitted; first calls compile)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+def _median_time(fn, *args, iters: int) -> float:
+  """Median wall seconds of ``fn(*args)`` (already jitted; the warm-up call compiles)."""
+  return statistics.median(timing.time_fn(fn, args, warmup=1, reps=iters))
 
 
 def _fwd_bwd(impl: str, **kw):
@@ -81,8 +47,10 @@ def compiled_temp_bytes(impl: str, *, seq_len: int = 8192, head_dim: int = 64,
                         dtype=jnp.float32) -> int:
   """XLA's temporary memory for forward+backward, batch 1, one head (compile only)."""
   q = jax.ShapeDtypeStruct((1, seq_len, 1, head_dim), dtype)
-  compiled = jax.jit(_fwd_bwd(impl)).lower(q, q, q, q).compile()
-  return int(compiled.memory_analysis().temp_size_in_bytes)
+  temp = timing.compiled_temp_bytes(jax.jit(_fwd_bwd(impl)), q, q, q, q)
+  if temp is None:
+    raise RuntimeError(f"no compiled memory analysis for {impl} on {jax.default_backend()}")
+  return temp
 
 
 def memory_report(seq_len: int = 8192, head_dim: int = 64) -> float:
@@ -98,20 +66,15 @@ def memory_report(seq_len: int = 8192, head_dim: int = 64) -> float:
   return ratio
 
 
-def _peak(device, override):
+def _peak(device, dtype, override):
+  """16-bit matmul peak TFLOP/s of ``device`` (``kernels/bench/roofline.py``); float32 gets
+  none (the column is then left empty): its kernels run at full float32 precision, not TF32.
+  ``--peak_tflops`` overrides."""
   if override:
     return override
-  kind = getattr(device, "device_kind", "")
-  for name, peak in PEAK_TFLOPS_16BIT.items():
-    if name in kind:
-      return peak
-  return None
-
-
-def _rel_err(x, ref):
-  x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-  ref = np.asarray(ref, np.float64)
-  return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1.0))
+  if jnp.dtype(dtype).itemsize != 2:
+    return None
+  return roofline.peak_tflops(roofline.lookup(getattr(device, "device_kind", "")), dtype)
 
 
 def check_against_reference(impl, q, k, v, do, causal):
@@ -122,13 +85,13 @@ def check_against_reference(impl, q, k, v, do, causal):
   args = (sl(q, g), sl(k, 1), sl(v, 1), sl(do, g))
   got = jax.jit(_fwd_bwd(impl, is_causal=causal))(*args)
   ref = jax.jit(_fwd_bwd("xla", is_causal=causal))(*(x.astype(jnp.float32) for x in args))
-  return max(_rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
+  return timing.max_errors(got, ref, floor=1.0)[1]
 
 
 def run_table(impls, seq_lens, head_dims, causals, dtype, tokens, hidden, kv_heads_ratio,
               iters, peak_override, check=True):
   device = jax.devices()[0]
-  peak = _peak(device, peak_override) if jnp.dtype(dtype).itemsize == 2 else peak_override
+  peak = _peak(device, dtype, peak_override)
   print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
         f"dtype {dtype}, {tokens} tokens per batch, hidden {hidden}"
         + (f", peak {peak:.0f} TFLOP/s" if peak else ", peak unknown"))
@@ -153,9 +116,9 @@ def run_table(impls, seq_lens, head_dims, causals, dtype, tokens, hidden, kv_hea
           try:
             fwd = jax.jit(lambda q, k, v, impl=impl: dot_product_attention(
                 q, k, v, is_causal=causal, implementation=impl))
-            t_fwd = time_fn(fwd, q, k, v, iters=iters)
-            t_all = time_fn(jax.jit(_fwd_bwd(impl, is_causal=causal)), q, k, v, do,
-                            iters=iters)
+            t_fwd = _median_time(fwd, q, k, v, iters=iters)
+            t_all = _median_time(jax.jit(_fwd_bwd(impl, is_causal=causal)), q, k, v, do,
+                                 iters=iters)
             err = check_against_reference(impl, q, k, v, do, causal) if check else float("nan")
           except Exception as e:  # noqa: BLE001 - a row that cannot run says why
             print(f"{impl:<12} {seq:>6} {hd:>4} {str(causal):>6} {batch:>5} {heads:>5}  "

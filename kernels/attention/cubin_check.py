@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from . import dot_product_attention
+from ..triton_common import TRITON_CUSTOM_CALL, lower_for_cuda
 
-TRITON_CALL = "__gpu$xla.gpu.triton"
 SHAPES = [  # (B, T, S, N, K, D, dtype, kwargs)
     (2, 1024, 1024, 4, 4, 64, jnp.bfloat16, dict(is_causal=True)),
     (2, 1024, 1024, 4, 4, 128, jnp.bfloat16, {}),
@@ -34,7 +34,6 @@ SHAPES = [  # (B, T, S, N, K, D, dtype, kwargs)
 def capture_kernels():
   """[(name, triton_ir_text, num_warps, num_stages)] for forward+backward of SHAPES."""
   from jax._src.pallas.triton import pallas_call_registration as registration
-  from jax.sharding import AbstractDevice, AbstractMesh
   captured, texts = [], []
   original = registration.lowering.lower_jaxpr_to_triton_module
 
@@ -44,7 +43,6 @@ def capture_kernels():
     return result
 
   registration.lowering.lower_jaxpr_to_triton_module = capture
-  mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H100", 132, "gpu"))
   try:
     for b, t, s, n, k, d, dtype, kw in SHAPES:
       q = jax.ShapeDtypeStruct((b, t, n, d), dtype)
@@ -55,18 +53,13 @@ def capture_kernels():
         return jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2),
                         argnums=(0, 1, 2))(q, k, v)
 
-      with jax.sharding.use_abstract_mesh(mesh):
-        exported = jax.export.export(
-            jax.jit(grads), platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(
-                q, kv, kv)
-      texts.append(exported.mlir_module())
+      texts.append(lower_for_cuda(grads, q, kv, kv, device_kind="NVIDIA H100"))
   finally:
     registration.lowering.lower_jaxpr_to_triton_module = original
   params = []
   for text in texts:
     for line in text.splitlines():
-      if f"@{TRITON_CALL}(" in line:
+      if f"@{TRITON_CUSTOM_CALL}(" in line:
         params.append((re.search(r'name = "(\w+)"', line).group(1),
                        int(re.search(r"num_warps = (\d+)", line).group(1)),
                        int(re.search(r"num_stages = (\d+)", line).group(1))))

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .. import mosaic_common as mc
+from .. import pallas_common as pc
 from . import common
 
 SUPPORTED_DTYPES = ("float32", "bfloat16")
@@ -231,8 +232,8 @@ def _forward(q, k, v, mask, qseg, kseg, c: _Static):
       in_specs=[q_spec, kv_spec, kv_spec] + extra_specs,
       out_specs=[q_spec,
                  pl.BlockSpec((None, None, c.block_q, _LANES), lambda b_, h, i, j: (b_, h, i, 0))],
-      out_shape=[mc.out_struct(q.shape, q.dtype, q, k, v),
-                 mc.out_struct((b, n, tp, _LANES), jnp.float32, q, k, v)],
+      out_shape=[pc.out_struct(q.shape, q.dtype, q, k, v),
+                 pc.out_struct((b, n, tp, _LANES), jnp.float32, q, k, v)],
       scratch_shapes=[pltpu.VMEM((c.block_q, _LANES), jnp.float32),
                       pltpu.VMEM((c.block_q, _LANES), jnp.float32),
                       pltpu.VMEM((c.block_q, d), jnp.float32)],
@@ -322,7 +323,7 @@ def _backward(q, k, v, mask, qseg, kseg, out, lse, do, c: _Static):
       grid=(b, n, c.num_q_blocks, c.num_k_blocks),
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, q_spec, lse_spec] + extra_specs,
       out_specs=q_spec,
-      out_shape=mc.out_struct(q.shape, q.dtype, *row_in),
+      out_shape=pc.out_struct(q.shape, q.dtype, *row_in),
       scratch_shapes=[pltpu.VMEM((c.block_q, d), jnp.float32)],
       compiler_params=mc.compiler_params("parallel", "parallel", "parallel", "arbitrary"),
       interpret=mc.interpret_mode(c.interpret),
@@ -349,8 +350,8 @@ def _backward(q, k, v, mask, qseg, kseg, out, lse, do, c: _Static):
       in_specs=[row_spec(d), key_spec, key_spec, row_spec(d), row_spec(d), row_spec(_LANES)]
       + extra_specs,
       out_specs=[key_spec, key_spec],
-      out_shape=[mc.out_struct(k.shape, k.dtype, *row_in),
-                 mc.out_struct(v.shape, v.dtype, *row_in)],
+      out_shape=[pc.out_struct(k.shape, k.dtype, *row_in),
+                 pc.out_struct(v.shape, v.dtype, *row_in)],
       scratch_shapes=[pltpu.VMEM((c.block_k, d), jnp.float32),
                       pltpu.VMEM((c.block_k, d), jnp.float32)],
       compiler_params=mc.compiler_params("parallel", "parallel", "parallel", "arbitrary",

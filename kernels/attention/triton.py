@@ -24,13 +24,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from . import common
+from .. import pallas_common as pc
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 MAX_HEAD_DIM = 256
@@ -96,24 +96,6 @@ class _Static:
   bias_bcast: tuple | None   # (batch>1, heads>1, T>1, S>1) of the bias, or None
   mask_bcast: tuple | None
   interpret: bool
-
-
-def _out_struct(shape, dtype, *like):
-  """``ShapeDtypeStruct`` for a kernel output. Under ``shard_map`` Pallas needs to know over
-  which mesh axes the output varies: as the union of ``like`` (the inputs it is computed from).
-  The field is ``manual_axis_type`` on jax 0.10 and ``vma`` on some other versions."""
-  ref = like[0]
-  for x in like[1:]:
-    ref = ref.ravel()[:1].astype(jnp.float32) + x.ravel()[:1].astype(jnp.float32)
-  aval = jax.typeof(ref)
-  for field, attr in (("manual_axis_type", "mat"), ("vma", "vma")):
-    value = getattr(aval, attr, None)
-    if value is not None:
-      try:
-        return jax.ShapeDtypeStruct(shape, dtype, **{field: value})
-      except TypeError:
-        pass
-  return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def _params(c: _Static, d: int):
@@ -267,8 +249,8 @@ def _forward(q, k, v, bias, mask, qseg, kseg, c: _Static):
           pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
           pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i)),
       ],
-      out_shape=[_out_struct(q.shape, q.dtype, q, k, v),
-                 _out_struct((b, n, tp), jnp.float32, q, k, v)],
+      out_shape=[pc.out_struct(q.shape, q.dtype, q, k, v),
+                 pc.out_struct((b, n, tp), jnp.float32, q, k, v)],
       compiler_params=_params(c, d),
       interpret=c.interpret,
       name="flash_attention_fwd",
@@ -412,7 +394,7 @@ def _backward(q, k, v, bias, mask, qseg, kseg, out, lse, do, c: _Static):
       functools.partial(_dq_kernel, c=c, has_seg=has_seg, precision=precision,
                         write_ds=False),
       out_specs=pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
-      out_shape=_out_struct(q.shape, q.dtype, *common_in),
+      out_shape=pc.out_struct(q.shape, q.dtype, *common_in),
       name="flash_attention_dq",
   )(*common_in, *extra)
 
@@ -424,7 +406,7 @@ def _backward(q, k, v, bias, mask, qseg, kseg, out, lse, do, c: _Static):
         functools.partial(_dq_kernel, c=c, has_seg=has_seg, precision=precision,
                           write_ds=True),
         out_specs=pl.BlockSpec((None, None, bq, sp), lambda i, bi, h: (bi, h, i, 0)),
-        out_shape=_out_struct((b, n, tp, sp), jnp.float32, *common_in),
+        out_shape=pc.out_struct((b, n, tp, sp), jnp.float32, *common_in),
         name="flash_attention_dbias",
     )(*common_in, *extra)
     dbias = common.reduce_to_shape(ds, bias.shape).astype(bias.dtype)
@@ -450,8 +432,8 @@ def _backward(q, k, v, bias, mask, qseg, kseg, out, lse, do, c: _Static):
       in_specs=dkv_specs + extra_specs,
       out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, bi, h: (bi, j, h, 0)),
                  pl.BlockSpec((None, bk, None, d), lambda j, bi, h: (bi, j, h, 0))],
-      out_shape=[_out_struct(k.shape, k.dtype, *common_in),
-                 _out_struct(v.shape, v.dtype, *common_in)],
+      out_shape=[pc.out_struct(k.shape, k.dtype, *common_in),
+                 pc.out_struct(v.shape, v.dtype, *common_in)],
       compiler_params=_params(c, d),
       interpret=c.interpret,
       name="flash_attention_dkdv",
@@ -460,8 +442,6 @@ def _backward(q, k, v, bias, mask, qseg, kseg, out, lse, do, c: _Static):
 
 
 _flash = common.flash_with_vjp(_forward, _backward)
-
-
 
 
 def attention(query, key, value, bias=None, mask=None, query_segment_ids=None,

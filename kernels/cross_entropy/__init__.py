@@ -42,12 +42,7 @@ XLA_MAX_LOGITS = 1 << 24
 
 
 def default_implementation(n: int, v: int, backend: str | None = None) -> str:
-  backend = backend or platforms.current()
-  if backend in ("gpu", "cuda", "rocm"):
-    return "triton"
-  if backend == "tpu":
-    return "mosaic_tpu"
-  return "xla" if n * v <= XLA_MAX_LOGITS else "xla_chunked"
+  return platforms.pallas_default(backend) or ("xla" if n * v <= XLA_MAX_LOGITS else "xla_chunked")
 
 
 def get_implementation(name: str):

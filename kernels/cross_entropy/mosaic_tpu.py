@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .. import mosaic_common as mc
+from .. import pallas_common as pc
 from .reference import loss_from_stats
 
 _F32 = jnp.float32
@@ -159,7 +160,7 @@ def forward(x, w, labels, *, smoothing: float, config=None, interpret: bool = Fa
   bn, bv, n_p, d_p, v_p = geo
   xp, wp, lab = _padded(x, w, labels, geo)
   row = pl.BlockSpec((bn, _LANES), lambda i, j: (i, 0))
-  stat = mc.out_struct((n_p, _LANES), _F32, xp, wp)
+  stat = pc.out_struct((n_p, _LANES), _F32, xp, wp)
   lse, ll, sl = pl.pallas_call(
       functools.partial(_fwd_kernel, v=v, bv=bv, nv=v_p // bv, smoothing=bool(smoothing),
                         precision=_precision(x.dtype)),
@@ -195,7 +196,7 @@ def backward(x, w, labels, lse, gs, *, smoothing: float, z_loss: float, config=N
       functools.partial(_dx_kernel, nv=nv, **kw),
       grid=(nn, nv),
       in_specs=[x_spec, pl.BlockSpec((d_p, bv), lambda i, j: (0, j)), row, row, row],
-      out_specs=x_spec, out_shape=mc.out_struct((n_p, d_p), _F32, xp, wp, gs_p),
+      out_specs=x_spec, out_shape=pc.out_struct((n_p, d_p), _F32, xp, wp, gs_p),
       scratch_shapes=[pltpu.VMEM((bn, d_p), _F32)],
       compiler_params=mc.compiler_params("parallel", "arbitrary"), interpret=interp,
       name="linear_cross_entropy_dx_tpu",
@@ -207,7 +208,7 @@ def backward(x, w, labels, lse, gs, *, smoothing: float, z_loss: float, config=N
       functools.partial(_dw_kernel, nn=nn, **kw),
       grid=(nv, nn),
       in_specs=[pl.BlockSpec((bn, d_p), lambda j, i: (i, 0)), w_spec, row_t, row_t, row_t],
-      out_specs=w_spec, out_shape=mc.out_struct((d_p, v_p), _F32, xp, wp, gs_p),
+      out_specs=w_spec, out_shape=pc.out_struct((d_p, v_p), _F32, xp, wp, gs_p),
       scratch_shapes=[pltpu.VMEM((d_p, bv), _F32)],
       compiler_params=mc.compiler_params("parallel", "arbitrary"), interpret=interp,
       name="linear_cross_entropy_dweight_tpu",

@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .. import autotune
+from .. import triton_common as tc
 from .reference import loss_from_stats
 
 _F32 = jnp.float32
@@ -79,61 +80,34 @@ def candidate_configs(kind: str, dims, dtype) -> list[dict]:
 
 
 def _valid(cfg) -> bool:
-  p2 = lambda v: isinstance(v, int) and v >= 16 and (v & (v - 1)) == 0
-  ok = (p2(cfg["block_n"]) and p2(cfg["block_v"]) and p2(cfg["block_d"])
-        and isinstance(cfg["num_warps"], int) and cfg["num_warps"] >= 1
-        and isinstance(cfg["num_stages"], int) and cfg["num_stages"] >= 1)
-  if "v_splits" in cfg:
-    ok = ok and isinstance(cfg["v_splits"], int) and cfg["v_splits"] >= 1
-  return ok
+  return tc.valid_config(cfg, pow2=("block_n", "block_v", "block_d"), min_block=16,
+                         counts=("num_warps", "num_stages", "v_splits"))
 
 
 def resolve_config(kind: str, dims, dtype, config=None) -> dict:
   """Explicit config, else autotune cache ``linear_cross_entropy.<kind>``, else heuristic."""
-  if config is not None:
-    cfg = {**heuristic_config(kind, dims, dtype), **dict(config)}
-    if kind == "bwd":
-      cfg.pop("v_splits", None)
-    if not _valid(cfg):
-      raise ValueError(f"linear_cross_entropy triton config {cfg} is not valid "
-                       "(block sizes: powers of two >= 16)")
-    return cfg
-  return autotune.get_config(f"linear_cross_entropy.{kind}", dims, dtype,
-                             lambda: heuristic_config(kind, dims, dtype), validate=_valid)
-
-
-def _params(cfg):
-  return plgpu.CompilerParams(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+  return tc.resolve_config("linear_cross_entropy", kind, dims, dtype, config,
+                           heuristic=heuristic_config, valid=_valid,
+                           drop=("v_splits",) if kind == "bwd" else (),
+                           hint="block sizes: powers of two >= 16")
 
 
 # ---------------------------------------------------------------- kernels
 
+def _xw_tiles(x_ref, w_ref, row0, v0, d0, rows_ok, cols_ok, *, d, bn, bv, bd):
+  """The ``[bn, bd]`` tile of ``x`` and the ``[bd, bv]`` tile of ``w`` at depth ``d0``."""
+  d_ok = (d0 + jnp.arange(bd)) < d
+  xt = tc.load2(x_ref, row0, bn, d0, bd, rows_ok[:, None] & d_ok[None, :])
+  wt = tc.load2(w_ref, d0, bd, v0, bv, d_ok[:, None] & cols_ok[None, :])
+  return xt, wt
 
-# Tiles are addressed with integer index arrays rather than ``pl.ds`` slices: a slice
-# larger than the array (a block wider than a short row) is rejected at trace time by
-# jax >= 0.12, while index arrays lower to the same Triton pointer arithmetic and are
-# masked at the edges (``mask``/``other``).
-def _idx2(r0, br, c0, bc):
-  return (r0 + jnp.arange(br))[:, None], (c0 + jnp.arange(bc))[None, :]
-
-
-def _at2(ref, r0, br, c0, bc):
-  return ref.at[_idx2(r0, br, c0, bc)]
-
-
-def _at1(ref, start, size):
-  return ref.at[start + jnp.arange(size)]
 
 def _logits_tile(x_ref, w_ref, row0, v0, rows_ok, cols_ok, *, d, bn, bv, bd):
   """``x[row0:row0+bn] @ w[:, v0:v0+bv]`` in float32, zero outside the arrays."""
 
   def body(k, acc):
-    d0 = k * bd
-    d_ok = (d0 + jnp.arange(bd)) < d
-    xt = plgpu.load(_at2(x_ref, row0, bn, d0, bd),
-                    mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
-    wt = plgpu.load(_at2(w_ref, d0, bd, v0, bv),
-                    mask=d_ok[:, None] & cols_ok[None, :], other=0.0)
+    xt, wt = _xw_tiles(x_ref, w_ref, row0, v0, k * bd, rows_ok, cols_ok, d=d, bn=bn, bv=bv,
+                       bd=bd)
     return acc + jnp.dot(xt, wt, preferred_element_type=_F32)
 
   return lax.fori_loop(0, pl.cdiv(d, bd), body, jnp.zeros((bn, bv), _F32))
@@ -144,7 +118,7 @@ def _fwd_kernel(x_ref, w_ref, lab_ref, m_ref, s_ref, ll_ref, sl_ref, *, n, d, v,
   i, sp = pl.program_id(0), pl.program_id(1)
   row0 = i * bn
   rows_ok = (row0 + jnp.arange(bn)) < n
-  labels = plgpu.load(_at1(lab_ref, row0, bn), mask=rows_ok, other=-1)
+  labels = tc.load1(lab_ref, row0, bn, rows_ok, -1)
 
   def vocab_step(jb, carry):
     m, s, ll, sl = carry
@@ -164,7 +138,7 @@ def _fwd_kernel(x_ref, w_ref, lab_ref, m_ref, s_ref, ll_ref, sl_ref, *, n, d, v,
   init = (jnp.full((bn,), -jnp.inf, _F32),) + (jnp.zeros((bn,), _F32),) * 3
   outs = lax.fori_loop(0, blocks_per_split, vocab_step, init)
   for ref, val in zip((m_ref, s_ref, ll_ref, sl_ref), outs):
-    plgpu.store(_at2(ref, sp, 1, row0, bn), val[None, :], mask=rows_ok[None, :])
+    tc.store2(ref, sp, 1, row0, bn, val[None, :], rows_ok[None, :])
 
 
 def _bwd_kernel(x_ref, w_ref, lab_ref, lse_ref, gs_ref, dx_in, dw_in, dx_ref, dw_ref, *, n, d, v,
@@ -175,9 +149,9 @@ def _bwd_kernel(x_ref, w_ref, lab_ref, lse_ref, gs_ref, dx_in, dw_in, dx_ref, dw
   rows_ok = (row0 + jnp.arange(bn)) < n
   cols = v0 + jnp.arange(bv)
   cols_ok = cols < v
-  labels = plgpu.load(_at1(lab_ref, row0, bn), mask=rows_ok, other=-1)
-  lse = plgpu.load(_at1(lse_ref, row0, bn), mask=rows_ok, other=0.0)
-  gs = plgpu.load(_at1(gs_ref, row0, bn), mask=rows_ok, other=0.0)
+  labels = tc.load1(lab_ref, row0, bn, rows_ok, -1)
+  lse = tc.load1(lse_ref, row0, bn, rows_ok)
+  gs = tc.load1(gs_ref, row0, bn, rows_ok)
   z = _logits_tile(x_ref, w_ref, row0, v0, rows_ok, cols_ok, d=d, bn=bn, bv=bv, bd=bd)
   dz = jnp.exp(z - lse[:, None]) * ((1.0 + 2.0 * z_loss * lse) * gs)[:, None]
   dz = dz - jnp.where(cols[None, :] == labels[:, None], ((1.0 - smoothing) * gs)[:, None], 0.0)
@@ -187,14 +161,10 @@ def _bwd_kernel(x_ref, w_ref, lab_ref, lse_ref, gs_ref, dx_in, dw_in, dx_ref, dw
 
   def d_step(k, carry):
     d0 = k * bd
-    d_ok = (d0 + jnp.arange(bd)) < d
-    xt = plgpu.load(_at2(x_ref, row0, bn, d0, bd),
-                    mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
-    wt = plgpu.load(_at2(w_ref, d0, bd, v0, bv),
-                    mask=d_ok[:, None] & cols_ok[None, :], other=0.0)
-    plgpu.atomic_add(dx_ref, _idx2(row0, bn, d0, bd),
+    xt, wt = _xw_tiles(x_ref, w_ref, row0, v0, d0, rows_ok, cols_ok, d=d, bn=bn, bv=bv, bd=bd)
+    plgpu.atomic_add(dx_ref, tc.idx2(row0, bn, d0, bd),
                      jnp.dot(dz, wt.T, preferred_element_type=_F32))
-    plgpu.atomic_add(dw_ref, _idx2(d0, bd, v0, bv),
+    plgpu.atomic_add(dw_ref, tc.idx2(d0, bd, v0, bv),
                      jnp.dot(xt.T, dz, preferred_element_type=_F32))
     return carry
 
@@ -217,7 +187,8 @@ def forward(x, w, labels, *, smoothing: float, config: dict, interpret: bool = F
   part = jax.ShapeDtypeStruct((splits, n), _F32)
   m, s, ll, sl = pl.pallas_call(
       kernel, grid=(pl.cdiv(n, bn), splits), out_shape=[part] * 4,
-      compiler_params=_params(config), interpret=interpret, name="linear_cross_entropy_fwd",
+      compiler_params=tc.compiler_params(config), interpret=interpret,
+      name="linear_cross_entropy_fwd",
   )(x, w, labels)
   mx = jnp.max(m, axis=0)
   mx = jnp.where(mx == -jnp.inf, 0.0, mx)
@@ -239,8 +210,8 @@ def backward(x, w, labels, lse, gs, *, smoothing: float, z_loss: float, config: 
   dx, dw = pl.pallas_call(
       kernel, grid=grid,
       out_shape=[jax.ShapeDtypeStruct(dx0.shape, _F32), jax.ShapeDtypeStruct(dw0.shape, _F32)],
-      input_output_aliases={5: 0, 6: 1}, compiler_params=_params(config), interpret=interpret,
-      name="linear_cross_entropy_bwd",
+      input_output_aliases={5: 0, 6: 1}, compiler_params=tc.compiler_params(config),
+      interpret=interpret, name="linear_cross_entropy_bwd",
   )(x, w, labels, lse, gs, dx0, dw0)
   return dx[:n, :d], dw[:d, :v]
 
@@ -277,10 +248,7 @@ def per_token_loss(x, weight, labels, *, ignore_index=-100, label_smoothing=0.0,
 
   ``config`` may be one dict for both kernels or ``{"fwd": {...}, "bwd": {...}}``.
   """
-  if config is not None and "fwd" in config:
-    fwd_c, bwd_c = config.get("fwd"), config.get("bwd")
-  else:
-    fwd_c = bwd_c = config
+  fwd_c, bwd_c = tc.split_config(config)
   dims = (x.shape[0], x.shape[1], weight.shape[1])
   fwd_cfg = resolve_config("fwd", dims, x.dtype, fwd_c)
   bwd_cfg = resolve_config("bwd", dims, x.dtype, bwd_c)

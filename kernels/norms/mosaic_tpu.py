@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from .. import mosaic_common as mc
+from .. import pallas_common as pc
 
 _F32 = jnp.float32
 
@@ -90,8 +91,8 @@ def forward(x2, w, b, *, eps: float, block_rows=None, interpret: bool = False):
   outs = pl.pallas_call(
       functools.partial(_fwd_kernel, d=d, eps=eps, centered=centered),
       grid=(n_p // br,), in_specs=[row] + [vec] * len(vecs), out_specs=[row] + [stat] * n_stats,
-      out_shape=[mc.out_struct((n_p, d_p), x2.dtype, xp, *vecs)]
-      + [mc.out_struct((n_p, 1), _F32, xp, *vecs)] * n_stats,
+      out_shape=[pc.out_struct((n_p, d_p), x2.dtype, xp, *vecs)]
+      + [pc.out_struct((n_p, 1), _F32, xp, *vecs)] * n_stats,
       compiler_params=mc.compiler_params("parallel"), interpret=mc.interpret_mode(interpret),
       name="layer_norm_fwd" if centered else "rms_norm_fwd",
   )(xp, *vecs)
@@ -119,8 +120,8 @@ def backward(x2, w, dy, mean, rstd, *, block_rows=None, interpret: bool = False)
       functools.partial(_bwd_kernel, d=d, centered=centered),
       grid=(blocks,), in_specs=[row, vec, row] + [stat] * len(stats),
       out_specs=[row] + [part] * n_parts,
-      out_shape=[mc.out_struct((n_p, d_p), x2.dtype, xp, wp, dyp, *stats)]
-      + [mc.out_struct((blocks, 1, d_p), _F32, xp, wp, dyp, *stats)] * n_parts,
+      out_shape=[pc.out_struct((n_p, d_p), x2.dtype, xp, wp, dyp, *stats)]
+      + [pc.out_struct((blocks, 1, d_p), _F32, xp, wp, dyp, *stats)] * n_parts,
       compiler_params=mc.compiler_params("parallel"), interpret=mc.interpret_mode(interpret),
       name="layer_norm_bwd" if centered else "rms_norm_bwd",
   )(xp, wp, dyp, *stats)

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from .. import autotune
+from .. import triton_common as tc
 
 _F32 = jnp.float32
 _MAX_SINGLE_BLOCK = 8192
@@ -71,55 +71,24 @@ def candidate_configs(kind: str, dims, dtype) -> list[dict]:
 
 
 def _valid(cfg) -> bool:
-  p2 = lambda v: isinstance(v, int) and v >= 1 and (v & (v - 1)) == 0
-  ok = (p2(cfg["block_rows"]) and p2(cfg["block_cols"]) and p2(cfg["num_warps"])
-        and isinstance(cfg["num_stages"], int) and cfg["num_stages"] >= 1)
-  if "row_groups" in cfg:
-    ok = ok and isinstance(cfg["row_groups"], int) and cfg["row_groups"] >= 1
-  return ok
+  return tc.valid_config(cfg, pow2=("block_rows", "block_cols", "num_warps"),
+                         counts=("num_stages", "row_groups"))
 
 
 def resolve_config(op: str, kind: str, dims, dtype, config=None) -> dict:
   """Explicit config, else autotune cache ``<op>.<kind>``, else heuristic."""
-  if config is not None:
-    cfg = {**heuristic_config(kind, dims, dtype), **dict(config)}
-    if kind == "fwd":
-      cfg.pop("row_groups", None)
-    if not _valid(cfg):
-      raise ValueError(f"{op} triton config {cfg} is not valid")
-    return cfg
-  return autotune.get_config(f"{op}.{kind}", dims, dtype,
-                             lambda: heuristic_config(kind, dims, dtype), validate=_valid)
-
-
-def _params(cfg):
-  return plgpu.CompilerParams(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+  return tc.resolve_config(op, kind, dims, dtype, config, heuristic=heuristic_config,
+                           valid=_valid, drop=("row_groups",) if kind == "fwd" else ())
 
 
 # ---------------------------------------------------------------- kernels
 
-
-# Tiles are addressed with integer index arrays rather than ``pl.ds`` slices: a slice
-# larger than the array (a block wider than a short row) is rejected at trace time by
-# jax >= 0.12, while index arrays lower to the same Triton pointer arithmetic and are
-# masked at the edges (``mask``/``other``).
-def _idx2(r0, br, c0, bc):
-  return (r0 + jnp.arange(br))[:, None], (c0 + jnp.arange(bc))[None, :]
-
-
-def _at2(ref, r0, br, c0, bc):
-  return ref.at[_idx2(r0, br, c0, bc)]
-
-
-def _at1(ref, start, size):
-  return ref.at[start + jnp.arange(size)]
-
 def _tile(ref, row0, c0, br, bc, mask):
-  return plgpu.load(_at2(ref, row0, br, c0, bc), mask=mask, other=0.0).astype(_F32)
+  return tc.load2(ref, row0, br, c0, bc, mask).astype(_F32)
 
 
 def _vec(ref, start, size, mask):
-  return plgpu.load(_at1(ref, start, size), mask=mask, other=0.0).astype(_F32)
+  return tc.load1(ref, start, size, mask).astype(_F32)
 
 
 def _fwd_kernel(*refs, n, d, eps, br, bd, centered):
@@ -139,7 +108,7 @@ def _fwd_kernel(*refs, n, d, eps, br, bd, centered):
     y = xc * rstd[:, None] * _vec(w_ref, c0, bd, cols_ok)[None, :]
     if centered:
       y = y + _vec(b_ref, c0, bd, cols_ok)[None, :]
-    plgpu.store(_at2(y_ref, row0, br, c0, bd), y.astype(y_ref.dtype), mask=inb)
+    tc.store2(y_ref, row0, br, c0, bd, y, inb)
 
   n_blocks = pl.cdiv(d, bd)
   if n_blocks == 1:
@@ -172,8 +141,8 @@ def _fwd_kernel(*refs, n, d, eps, br, bd, centered):
 
     lax.fori_loop(0, n_blocks, write_body, 0)
   if centered:
-    plgpu.store(_at1(mean_ref, row0, br), mean, mask=rows_ok)
-  plgpu.store(_at1(rstd_ref, row0, br), rstd, mask=rows_ok)
+    tc.store1(mean_ref, row0, br, mean, rows_ok)
+  tc.store1(rstd_ref, row0, br, rstd, rows_ok)
 
 
 def _load_stats(mean_ref, rstd_ref, row0, br, rows_ok, centered):
@@ -207,14 +176,14 @@ def _bwd_fused_kernel(*refs, n, d, br, bd, rpg, centered):
     if centered:
       dx = dx - (jnp.sum(wdy, axis=1) / d)[:, None]
     dx = dx * rstd[:, None]
-    plgpu.store(_at2(dx_ref, row0, br, 0, bd), dx.astype(dx_ref.dtype), mask=inb)
+    tc.store2(dx_ref, row0, br, 0, bd, dx, inb)
     return dw_acc + jnp.sum(dy * xhat, axis=0), db_acc + jnp.sum(dy, axis=0)
 
   zeros = jnp.zeros((bd,), _F32)
   dw_acc, db_acc = lax.fori_loop(0, rpg // br, body, (zeros, zeros))
-  plgpu.store(_at2(dw_ref, g, 1, 0, bd), dw_acc[None, :], mask=cols_ok[None, :])
+  tc.store2(dw_ref, g, 1, 0, bd, dw_acc[None, :], cols_ok[None, :])
   if centered:
-    plgpu.store(_at2(db_ref, g, 1, 0, bd), db_acc[None, :], mask=cols_ok[None, :])
+    tc.store2(db_ref, g, 1, 0, bd, db_acc[None, :], cols_ok[None, :])
 
 
 def _bwd_dx_kernel(*refs, n, d, br, bd, centered):
@@ -251,7 +220,7 @@ def _bwd_dx_kernel(*refs, n, d, br, bd, centered):
     if centered:
       dx = dx - c2[:, None]
     dx = dx * rstd[:, None]
-    plgpu.store(_at2(dx_ref, row0, br, j * bd, bd), dx.astype(dx_ref.dtype), mask=inb)
+    tc.store2(dx_ref, row0, br, j * bd, bd, dx, inb)
     return carry
 
   lax.fori_loop(0, pl.cdiv(d, bd), write, 0)
@@ -281,9 +250,9 @@ def _bwd_dwdb_kernel(*refs, n, d, br, bd, rpg, centered):
 
   zeros = jnp.zeros((bd,), _F32)
   dw_acc, db_acc = lax.fori_loop(0, rpg // br, body, (zeros, zeros))
-  plgpu.store(_at2(dw_ref, g, 1, c0, bd), dw_acc[None, :], mask=cols_ok[None, :])
+  tc.store2(dw_ref, g, 1, c0, bd, dw_acc[None, :], cols_ok[None, :])
   if centered:
-    plgpu.store(_at2(db_ref, g, 1, c0, bd), db_acc[None, :], mask=cols_ok[None, :])
+    tc.store2(db_ref, g, 1, c0, bd, db_acc[None, :], cols_ok[None, :])
 
 
 # ---------------------------------------------------------------- raw calls
@@ -298,8 +267,9 @@ def forward(x2, w, b, *, eps: float, config: dict, interpret: bool = False):
   out_shape = [jax.ShapeDtypeStruct(x2.shape, x2.dtype)] + [stat] * (2 if centered else 1)
   args = (x2, w, b) if centered else (x2, w)
   outs = pl.pallas_call(
-      kernel, grid=(pl.cdiv(n, br),), out_shape=out_shape, compiler_params=_params(config),
-      interpret=interpret, name="layer_norm_fwd" if centered else "rms_norm_fwd",
+      kernel, grid=(pl.cdiv(n, br),), out_shape=out_shape,
+      compiler_params=tc.compiler_params(config), interpret=interpret,
+      name="layer_norm_fwd" if centered else "rms_norm_fwd",
   )(*args)
   if centered:
     return tuple(outs)
@@ -325,20 +295,22 @@ def backward(x2, w, dy, mean, rstd, *, config: dict, interpret: bool = False):
                                centered=centered)
     dx, *parts = pl.pallas_call(
         kernel, grid=(groups,), out_shape=[jax.ShapeDtypeStruct(x2.shape, x2.dtype)]
-        + [part] * n_parts, compiler_params=_params(config), interpret=interpret,
+        + [part] * n_parts, compiler_params=tc.compiler_params(config), interpret=interpret,
         name=f"{name}_bwd",
     )(x2, w, dy, *stats)
   else:
     kernel = functools.partial(_bwd_dx_kernel, n=n, d=d, br=br, bd=bd, centered=centered)
     dx = pl.pallas_call(
         kernel, grid=(n_row_blocks,), out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype),
-        compiler_params=_params(config), interpret=interpret, name=f"{name}_bwd_dx",
+        compiler_params=tc.compiler_params(config), interpret=interpret,
+        name=f"{name}_bwd_dx",
     )(x2, w, dy, *stats)
     kernel = functools.partial(_bwd_dwdb_kernel, n=n, d=d, br=br, bd=bd, rpg=rpg,
                                centered=centered)
     parts = pl.pallas_call(
         kernel, grid=(pl.cdiv(d, bd), groups), out_shape=[part] * n_parts,
-        compiler_params=_params(config), interpret=interpret, name=f"{name}_bwd_dscale",
+        compiler_params=tc.compiler_params(config), interpret=interpret,
+        name=f"{name}_bwd_dscale",
     )(x2, dy, *stats)
   dw = jnp.sum(parts[0], axis=0)
   db = jnp.sum(parts[1], axis=0) if centered else None
@@ -367,18 +339,12 @@ def _norm2_bwd(eps, fwd_cfg, bwd_cfg, interpret, res, dy):
 _norm2.defvjp(_norm2_fwd, _norm2_bwd)
 
 
-def _split_config(config):
-  if config is not None and "fwd" in config:
-    return config.get("fwd"), config.get("bwd")
-  return config, config
-
-
 def _run(op, x, scale, offset, eps, interpret, config, centered):
   d = x.shape[-1]
   n = math.prod(x.shape[:-1])
   x2 = x.reshape(n, d)
   dims = (n, d)
-  fwd_c, bwd_c = _split_config(config)
+  fwd_c, bwd_c = tc.split_config(config)
   fwd_cfg = resolve_config(op, "fwd", dims, x.dtype, fwd_c)
   bwd_cfg = resolve_config(op, "bwd", dims, x.dtype, bwd_c)
   w = jnp.ones((d,), x.dtype) if scale is None else scale

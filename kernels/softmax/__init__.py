@@ -31,10 +31,7 @@ IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
 
 
 def default_implementation(backend: str | None = None) -> str:
-  backend = backend or platforms.current()
-  if backend in ("gpu", "cuda", "rocm"):
-    return "triton"
-  return "mosaic_tpu" if backend == "tpu" else "xla"
+  return platforms.pallas_default(backend) or "xla"
 
 
 def get_implementation(name: str | None):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from .. import mosaic_common as mc
+from .. import pallas_common as pc
 from . import reference
 
 _F32 = jnp.float32
@@ -53,7 +54,7 @@ def _call(kernel, name, out_dtype, block_rows, interpret, *arrays):
   spec = pl.BlockSpec((br, cols), lambda i: (i, 0))
   return pl.pallas_call(
       kernel, grid=(rows // br,), in_specs=[spec] * len(arrays), out_specs=spec,
-      out_shape=mc.out_struct((rows, cols), out_dtype, *arrays),
+      out_shape=pc.out_struct((rows, cols), out_dtype, *arrays),
       compiler_params=mc.compiler_params("parallel"), interpret=mc.interpret_mode(interpret),
       name=name,
   )(*arrays)

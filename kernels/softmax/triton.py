@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from .. import autotune
+from .. import triton_common as tc
 
 _F32 = jnp.float32
 _MAX_TILE = 16384  # elements of a [block_rows, block_cols] float32 tile kept in registers
@@ -61,43 +61,17 @@ def candidate_configs(kind: str, dims, dtype) -> list[dict]:
 
 
 def _valid(cfg) -> bool:
-  p2 = lambda v: isinstance(v, int) and v >= 1 and (v & (v - 1)) == 0
-  return (p2(cfg["block_rows"]) and p2(cfg["block_cols"]) and p2(cfg["num_warps"])
-          and isinstance(cfg["num_stages"], int) and cfg["num_stages"] >= 1)
+  return tc.valid_config(cfg, pow2=("block_rows", "block_cols", "num_warps"),
+                         counts=("num_stages",))
 
 
 def resolve_config(kind: str, dims, dtype, config=None) -> dict:
   """Explicit config, else the autotune cache (``softmax.fwd``/``softmax.bwd``), else heuristic."""
-  if config is not None:
-    cfg = {**heuristic_config(kind, dims, dtype), **dict(config)}
-    if not _valid(cfg):
-      raise ValueError(f"softmax triton config {cfg} is not valid (powers of two expected)")
-    return cfg
-  return autotune.get_config(f"softmax.{kind}", dims, dtype,
-                             lambda: heuristic_config(kind, dims, dtype), validate=_valid)
+  return tc.resolve_config("softmax", kind, dims, dtype, config, heuristic=heuristic_config,
+                           valid=_valid, hint="powers of two expected")
 
 
 # ---------------------------------------------------------------- kernels
-
-
-# Tiles are addressed with integer index arrays rather than ``pl.ds`` slices: a slice
-# larger than the array (a block wider than a short row) is rejected at trace time by
-# jax >= 0.12, while index arrays lower to the same Triton pointer arithmetic and are
-# masked at the edges (``mask``/``other``).
-def _idx2(r0, br, c0, bc):
-  return (r0 + jnp.arange(br))[:, None], (c0 + jnp.arange(bc))[None, :]
-
-
-def _at2(ref, r0, br, c0, bc):
-  return ref.at[_idx2(r0, br, c0, bc)]
-
-
-def _at1(ref, start, size):
-  return ref.at[start + jnp.arange(size)]
-
-def _block(ref, row0, c0, br, bc, mask, other):
-  return plgpu.load(_at2(ref, row0, br, c0, bc), mask=mask, other=other)
-
 
 def _fwd_kernel(x_ref, *refs, rows, cols, scale, br, bc, has_mask):
   if has_mask:
@@ -109,16 +83,16 @@ def _fwd_kernel(x_ref, *refs, rows, cols, scale, br, bc, has_mask):
 
   def load(c0):
     inb = rows_ok[:, None] & ((c0 + jnp.arange(bc)) < cols)[None, :]
-    z = _block(x_ref, row0, c0, br, bc, inb, 0.0).astype(_F32)
+    z = tc.load2(x_ref, row0, br, c0, bc, inb, 0.0).astype(_F32)
     if scale != 1.0:
       z = z * scale
     ok = inb
     if has_mask:
-      ok = ok & (_block(m_ref, row0, c0, br, bc, inb, 0) != 0)
+      ok = ok & (tc.load2(m_ref, row0, br, c0, bc, inb, 0) != 0)
     return jnp.where(ok, z, -jnp.inf), inb
 
   def store(c0, p, inb):
-    plgpu.store(_at2(o_ref, row0, br, c0, bc), p.astype(o_ref.dtype), mask=inb)
+    tc.store2(o_ref, row0, br, c0, bc, p, inb)
 
   n_blocks = pl.cdiv(cols, bc)
   if n_blocks == 1:
@@ -157,12 +131,12 @@ def _bwd_kernel(p_ref, g_ref, dx_ref, *, rows, cols, scale, br, bc):
 
   def load(c0):
     inb = rows_ok[:, None] & ((c0 + jnp.arange(bc)) < cols)[None, :]
-    p = _block(p_ref, row0, c0, br, bc, inb, 0.0).astype(_F32)
-    g = _block(g_ref, row0, c0, br, bc, inb, 0.0).astype(_F32)
+    p = tc.load2(p_ref, row0, br, c0, bc, inb, 0.0).astype(_F32)
+    g = tc.load2(g_ref, row0, br, c0, bc, inb, 0.0).astype(_F32)
     return p, g, inb
 
   def store(c0, dx, inb):
-    plgpu.store(_at2(dx_ref, row0, br, c0, bc), dx.astype(dx_ref.dtype), mask=inb)
+    tc.store2(dx_ref, row0, br, c0, bc, dx, inb)
 
   n_blocks = pl.cdiv(cols, bc)
   if n_blocks == 1:
@@ -185,10 +159,6 @@ def _bwd_kernel(p_ref, g_ref, dx_ref, *, rows, cols, scale, br, bc):
   lax.fori_loop(0, n_blocks, write, 0)
 
 
-def _params(cfg):
-  return plgpu.CompilerParams(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
 def forward(x2, mask2, *, scale: float, config: dict, interpret: bool = False):
   """Raw forward kernel on ``[rows, cols]``; ``mask2`` is an int8 array or None."""
   rows, cols = x2.shape
@@ -199,7 +169,7 @@ def forward(x2, mask2, *, scale: float, config: dict, interpret: bool = False):
   return pl.pallas_call(
       kernel, grid=(pl.cdiv(rows, br),),
       out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype),
-      compiler_params=_params(config), interpret=interpret, name="softmax_fwd",
+      compiler_params=tc.compiler_params(config), interpret=interpret, name="softmax_fwd",
   )(*args)
 
 
@@ -211,7 +181,7 @@ def backward(p2, g2, *, scale: float, config: dict, interpret: bool = False):
   return pl.pallas_call(
       kernel, grid=(pl.cdiv(rows, br),),
       out_shape=jax.ShapeDtypeStruct(p2.shape, p2.dtype),
-      compiler_params=_params(config), interpret=interpret, name="softmax_bwd",
+      compiler_params=tc.compiler_params(config), interpret=interpret, name="softmax_bwd",
   )(p2, g2)
 
 
@@ -254,10 +224,7 @@ def softmax(x, where=None, *, axis=(-1,), scale=1.0, interpret=False, config=Non
     w = jnp.broadcast_to(where, x.shape)
     w = jnp.moveaxis(w, axes, moved) if axes != moved else w
     mask2 = w.reshape(rows, cols).astype(jnp.int8)
-  if config is not None and "fwd" in config:
-    fwd_c, bwd_c = config.get("fwd"), config.get("bwd")
-  else:
-    fwd_c = bwd_c = config
+  fwd_c, bwd_c = tc.split_config(config)
   dims = (rows, cols)
   fwd_cfg = resolve_config("fwd", dims, x.dtype, fwd_c)
   bwd_cfg = resolve_config("bwd", dims, x.dtype, bwd_c)

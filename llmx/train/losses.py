@@ -1,6 +1,14 @@
-"""Adversarial losses for GANs, selectable by name. (Cross-entropy lives in `kernels`.)
+"""Losses, each a pure function of arrays: regression, classification and the GANs' adversarial
+losses. Every loss computes in float32 (or wider), whatever its inputs' dtype.
 
-The discriminator (critic) returns one real-valued logit per sample, `D(x) = sigmoid^-1(p_real)`
+  mse                   mean((prediction - target)^2)
+  binary_cross_entropy  -y log s(x) - (1 - y) log(1 - s(x)) = softplus(x) - y x   (from logits x)
+  cross_entropy         -sum_c q_c log softmax(z)_c, q = (1 - s) onehot(y) + s / C, + z-loss
+
+`kernels.linear_cross_entropy` is the same cross-entropy fused with the output projection, for
+vocabularies too large to hold the logits; `cross_entropy` here takes logits already made.
+
+GANs: the discriminator (critic) returns one real-valued logit per sample, `D(x) = sigmoid^-1(p_real)`
 for the minimax and non-saturating losses and an unbounded score for hinge and WGAN. With
 `r = D(x_real)` and `f = D(G(z))`, each [batch] float:
 
@@ -20,6 +28,77 @@ import jax
 import jax.numpy as jnp
 
 from llmx.errors import LlmxError
+
+IGNORE_INDEX = -100  # the label of a position that has no loss (padding, an unselected MLM token)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _float(x: jax.Array) -> jax.Array:
+  """x in float32, or float64 if it already is (bf16 inputs are not summed in bf16)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _reduce(loss: jax.Array, reduction: str, count=None) -> jax.Array:
+  """mean (over `count` items when given, 0 when there are none), sum, or none."""
+  if reduction == "none":
+    return loss
+  if reduction == "sum":
+    return jnp.sum(loss)
+  if reduction == "mean":
+    return jnp.mean(loss) if count is None else jnp.sum(loss) / jnp.maximum(count, 1)
+  raise ValueError(f"reduction={reduction!r}: must be one of {', '.join(map(repr, REDUCTIONS))}")
+
+
+# ----------------------------------------------------------------------- regression, classification
+
+def mse(predictions: jax.Array, targets: jax.Array, *, reduction: str = "mean") -> jax.Array:
+  """Squared error. predictions, targets: float [...] (the same shape) -> scalar, or [...] with
+  reduction="none"."""
+  return _reduce(jnp.square(_float(predictions) - _float(targets)), reduction)
+
+
+def binary_cross_entropy(logits: jax.Array, labels: jax.Array, *,
+                         reduction: str = "mean") -> jax.Array:
+  """Cross-entropy of a Bernoulli with logit x against label y, softplus(x) - y x (stable for any
+  logit). logits: float [...]; labels: [...] of 0/1 (or probabilities in [0, 1]), the same shape
+  -> scalar, or [...] with reduction="none"."""
+  x, y = _float(logits), _float(labels)
+  return _reduce(jax.nn.softplus(x) - y * x, reduction)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0,
+                  z_loss: float = 0.0, ignore_index: int = IGNORE_INDEX,
+                  reduction: str = "mean") -> jax.Array:
+  """Multi-class cross-entropy from logits, with the algebra of `kernels.linear_cross_entropy`:
+  per position, with lse = logsumexp(z) over the C classes,
+
+    loss = lse - (1 - s) z[label] - (s / C) sum(z) + z_loss * lse^2
+
+  i.e. the cross-entropy against (1 - s) onehot + s / C (label smoothing s), plus PaLM's z-loss
+  that keeps the log-normaliser near 0.
+
+  logits: float [..., C]; labels: int [...] in [0, C), or `ignore_index` for a position with no
+  loss and no gradient -> scalar: the mean over the positions not ignored (0 when all are), or the
+  sum; [...] with reduction="none" (0 at ignored positions). A label outside [0, C) that is not
+  `ignore_index` gives NaN, so a wrong label cannot pass for a plausible loss.
+  """
+  z = _float(logits)
+  classes = z.shape[-1]
+  valid = labels != ignore_index
+  in_range = (labels >= 0) & (labels < classes)
+  safe = jnp.where(valid & in_range, labels, 0)
+  lse = jax.nn.logsumexp(z, axis=-1)
+  loss = lse - (1.0 - label_smoothing) * jnp.take_along_axis(z, safe[..., None], axis=-1)[..., 0]
+  if label_smoothing:
+    loss = loss - (label_smoothing / classes) * jnp.sum(z, axis=-1)
+  if z_loss:
+    loss = loss + z_loss * jnp.square(lse)
+  loss = jnp.where(valid, jnp.where(in_range, loss, jnp.nan), 0.0)
+  return _reduce(loss, reduction, count=jnp.sum(valid))
+
+
+# ------------------------------------------------------------------------------------------- GANs
 
 GAN_LOSSES = ("minimax", "non_saturating", "hinge", "wgan_gp")
 

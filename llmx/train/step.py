@@ -80,6 +80,9 @@ def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientT
     raise ValueError(f"grad_accum_steps={grad_accum_steps}: must be >= 1")
   build = None if isinstance(model, nnx.Module) else model
   template = model if build is None else nnx.eval_shape(build)
+  # The train step runs the model in training mode (dropout on) whatever mode it was handed in
+  # (a pretrained model loads in eval mode); eval_step and model_of run it in eval mode.
+  template.train()
   graphdef, params, rest = nnx.split(template, nnx.Param, ...)
   template.eval()
   eval_graphdef = nnx.split(template)[0]

@@ -5,7 +5,11 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from llmx_kernels import autotune, bench, roofline
+from llmx_kernels import autotune
+from llmx_kernels.bench import roofline, spec
+from llmx_kernels.bench.__main__ import main
+from llmx_kernels.bench.tune import autotune_op
+from llmx_kernels.cross_entropy import bench_spec as lce_bench
 from llmx_kernels.norms import triton as norms_triton
 
 
@@ -15,7 +19,7 @@ def _rows(path):
 
 def test_softmax_rows_on_cpu(tmp_path, capsys):
   out = tmp_path / "rows.jsonl"
-  rc = bench.main(["--op=softmax", "--shapes=8x1000", "--implementations=xla,triton",
+  rc = main(["--op=softmax", "--shapes=8x1000", "--implementations=xla,triton",
                    "--mode=fwd_bwd", "--dtype=f32", "--reps=2", "--warmup=1", f"--json={out}"])
   assert rc == 0
   text = capsys.readouterr().out
@@ -33,7 +37,7 @@ def test_softmax_rows_on_cpu(tmp_path, capsys):
 
 
 def test_cross_entropy_rows_and_memory_line(capsys):
-  rc = bench.main(["--op=linear_cross_entropy", "--shapes=64x16x2000", "--dtype=f32",
+  rc = main(["--op=linear_cross_entropy", "--shapes=64x16x2000", "--dtype=f32",
                    "--implementations=xla,xla_chunked", "--mode=fwd_bwd", "--reps=1",
                    "--warmup=1", "--json=-"])
   assert rc == 0
@@ -46,11 +50,11 @@ def test_cross_entropy_rows_and_memory_line(capsys):
 
 def test_memory_check_ratio(capsys):
   """N=8192, D=512, V=32768 float32: chunked fwd+bwd needs <= 1/16 of the naive temp memory."""
-  res = bench.memory_check()
+  res = lce_bench.memory_check()
   assert res["shape"] == [8192, 512, 32768] and res["dtype"] == "float32"
   assert res["xla"] >= 8192 * 32768 * 4  # the naive version holds [N, V] float32 logits
   assert res["ratio"] <= 1 / 16 and res["ok"]
-  assert bench.main(["--memory-check"]) == 0
+  assert main(["--memory-check"]) == 0
   text = capsys.readouterr().out
   assert "required <= 1/16: OK" in text and "xla_chunked" in text
 
@@ -59,8 +63,8 @@ def test_autotune_writes_cache_and_op_reads_it(tmp_path, monkeypatch):
   cache = tmp_path / "autotune.json"
   monkeypatch.setenv(autotune.CACHE_ENV, str(cache))
   dims, dtype = (6, 300), jnp.float32
-  winners = bench.autotune_op("rms_norm", dims, dtype, interpret=True, max_configs=1, warmup=0,
-                              reps=1, log=lambda *a: None)
+  winners = autotune_op("rms_norm", dims, dtype, interpret=True, max_configs=1, warmup=0,
+                        reps=1, log=lambda *a: None)
   assert set(winners) == {"fwd", "bwd"}
   entries = json.loads(cache.read_text())["entries"]
   key = f"{autotune.device_kind()}|rms_norm.fwd|8x512|float32"
@@ -79,7 +83,7 @@ def test_autotune_writes_cache_and_op_reads_it(tmp_path, monkeypatch):
 
 def test_autotune_cli_on_cpu(tmp_path, capsys):
   cache = tmp_path / "c.json"
-  rc = bench.main(["--op=softmax", "--shapes=4x100", "--implementations=triton", "--autotune",
+  rc = main(["--op=softmax", "--shapes=4x100", "--implementations=triton", "--autotune",
                    f"--cache={cache}", "--max-configs=1", "--reps=1"])
   assert rc == 0
   assert "winners mean nothing for a GPU" in capsys.readouterr().out
@@ -88,12 +92,12 @@ def test_autotune_cli_on_cpu(tmp_path, capsys):
 
 
 def test_lower_cli(capsys):
-  assert bench.main(["--op=layer_norm", "--lower", "--shapes=100x1000", "--mode=fwd_bwd"]) == 0
+  assert main(["--op=layer_norm", "--lower", "--shapes=100x1000", "--mode=fwd_bwd"]) == 0
   assert "2 Triton custom call(s)" in capsys.readouterr().out
 
 
 def test_attention_rows(capsys):
-  rc = bench.main(["--op=attention", "--shapes=1x64x2x16", "--implementations=xla",
+  rc = main(["--op=attention", "--shapes=1x64x2x16", "--implementations=xla",
                    "--dtype=f32", "--reps=1"])
   assert rc == 0
   assert "attention  xla" in capsys.readouterr().out
@@ -101,7 +105,7 @@ def test_attention_rows(capsys):
 
 def test_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
-  rc = bench.main(["--op=rms_norm", "--shapes=4x16", "--implementations=xla", "--reps=1",
+  rc = main(["--op=rms_norm", "--shapes=4x16", "--implementations=xla", "--reps=1",
                    f"--plot={tmp_path / 'p.png'}"])
   assert rc == 2
   assert "--plot needs matplotlib" in capsys.readouterr().err
@@ -115,8 +119,18 @@ def test_roofline_table():
   assert roofline.lookup("TPU v6 lite").name == "TPU v6e"
   assert roofline.lookup("TPU v4").name == "TPU v4"
   assert roofline.lookup("TPU v5p").name == "TPU v5p"
+  assert roofline.lookup("NVIDIA L40S").name == "L40S"  # not L4: longer patterns come first
   assert roofline.lookup("cpu") is None
   assert roofline.peak_tflops(roofline.lookup("NVIDIA H100 80GB HBM3"), jnp.bfloat16) == 989.0
+
+
+def test_every_op_spec_lives_beside_its_op():
+  for name in spec.names():
+    op = spec.get(name)
+    assert op.name == name and op.implementations[0] == "xla"
+    assert spec.SPEC_MODULES[name].endswith(".bench_spec")
+    for dims in op.default_shapes:
+      assert spec.parse_shapes(op, dims) == [tuple(int(d) for d in dims.split("x"))]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -130,6 +144,6 @@ def test_roofline_table():
 ])
 def test_bad_arguments(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
-    bench.main(argv)
+    main(argv)
   assert e.value.code == 2
   assert message in capsys.readouterr().err

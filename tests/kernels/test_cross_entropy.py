@@ -15,7 +15,7 @@ import pytest
 
 import llmx_kernels as kernels
 from llmx_kernels import cross_entropy as ce
-from llmx_kernels.bench import lower_for_cuda
+from llmx_kernels.triton_common import lower_for_cuda
 from llmx_kernels.cross_entropy import triton as ce_triton
 from llmx_kernels.cross_entropy import xla_chunked as ce_chunked
 

@@ -256,7 +256,7 @@ def test_cross_entropy_bad_block():
 
 def test_target_platform_picks_mosaic_defaults():
   # The packages, not the functions of the same names that kernels/__init__ exports.
-  softmax, norms, cross_entropy = (importlib.import_module(f"kernels.{m}")
+  softmax, norms, cross_entropy = (importlib.import_module(f"llmx_kernels.{m}")
                                    for m in ("softmax", "norms", "cross_entropy"))
   assert softmax.default_implementation() == "xla"  # this machine: CPU
   with kernels.target_platform("tpu"):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import llmx_kernels as kernels
-from llmx_kernels.bench import lower_for_cuda
+from llmx_kernels.triton_common import lower_for_cuda
 from llmx_kernels.norms import triton as norms_triton
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}

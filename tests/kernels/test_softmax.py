@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import llmx_kernels as kernels
-from llmx_kernels.bench import lower_for_cuda
+from llmx_kernels.triton_common import lower_for_cuda
 from llmx_kernels.softmax import triton as softmax_triton
 
 TOL = {jnp.float32: (2e-6, 2e-5), jnp.bfloat16: (1e-2, 3e-2)}

@@ -6,24 +6,19 @@ Checkpoints saved from `BertForPreTraining` prefix the encoder with `bert.` and 
 under `cls.`; both layouts load.
 """
 import dataclasses
-import json
 import logging
 import pathlib
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llmx.errors import LlmxError
 from llmx.families.bert.model import BertConfig, BertForPreTraining, BertModel
+from llmx.formats import CheckpointFormatError, hf
+from llmx.formats.name_map import TRANSPOSE, Entry, concat, export, load
 
 log = logging.getLogger("llmx")
 
 SUPPORTED_ACTIVATIONS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}
-
-
-class CheckpointFormatError(LlmxError, ValueError):
-  """The folder is not a BERT checkpoint llmx can read; the message says what is wrong."""
 
 
 def config_from_hf(d: dict, *, source: str = "config.json", attention_impl=None) -> BertConfig:
@@ -63,41 +58,50 @@ def config_to_hf(c: BertConfig) -> dict:
               hidden_act=act, position_embedding_type="absolute", pad_token_id=0)
 
 
-def _linear(prefix: str, linear: nnx.Linear) -> dict:
-  return {f"{prefix}.weight": (linear.kernel, "T"), f"{prefix}.bias": (linear.bias, None)}
+def _linear(name: str, path: tuple) -> list[Entry]:
+  return [Entry(f"{name}.weight", path + ("kernel",), TRANSPOSE),
+          Entry(f"{name}.bias", path + ("bias",))]
 
 
-def _norm(prefix: str, norm) -> dict:
-  return {f"{prefix}.weight": (norm.scale, None), f"{prefix}.bias": (norm.offset, None)}
+def _norm(name: str, path: tuple) -> list[Entry]:
+  return [Entry(f"{name}.weight", path + ("scale",)), Entry(f"{name}.bias", path + ("offset",))]
 
 
-def _encoder_names(model: BertModel) -> dict:
-  """Hugging Face name -> (llmx Param, transform); the fused QKV is handled separately."""
-  e = model.embeddings
-  names = {"embeddings.word_embeddings.weight": (e.word.embedding, None),
-           "embeddings.position_embeddings.weight": (e.position, None),
-           "embeddings.token_type_embeddings.weight": (e.token_type, None),
-           **_norm("embeddings.LayerNorm", e.norm), **_linear("pooler.dense", model.pooler)}
-  for i, layer in enumerate(model.layers):
-    p = f"encoder.layer.{i}."
-    names.update({**_linear(p + "attention.output.dense", layer.attn.out),
-                  **_norm(p + "attention.output.LayerNorm", layer.attn_norm),
-                  **_linear(p + "intermediate.dense", layer.fc_in),
-                  **_linear(p + "output.dense", layer.fc_out),
-                  **_norm(p + "output.LayerNorm", layer.mlp_norm)})
-  return names
+def encoder_entries(c: BertConfig, prefix: tuple = ()) -> list[Entry]:
+  """The name map of a BertModel at `prefix` (("bert",) inside a BertForPreTraining)."""
+  e = prefix + ("embeddings",)
+  table = [Entry("embeddings.word_embeddings.weight", e + ("word", "embedding")),
+           Entry("embeddings.position_embeddings.weight", e + ("position",)),
+           Entry("embeddings.token_type_embeddings.weight", e + ("token_type",)),
+           *_norm("embeddings.LayerNorm", e + ("norm",)),
+           *_linear("pooler.dense", prefix + ("pooler",))]
+  for i in range(c.num_layers):
+    name, ours = f"encoder.layer.{i}.", prefix + ("layers", i)
+    # Hugging Face keeps query, key and value apart; SelfAttention fuses them into one qkv.
+    self_attn = [f"{name}attention.self.{n}" for n in ("query", "key", "value")]
+    table += [Entry([n + ".weight" for n in self_attn], ours + ("attn", "qkv", "kernel"),
+                    concat(3, transpose=True)),
+              Entry([n + ".bias" for n in self_attn], ours + ("attn", "qkv", "bias"), concat(3)),
+              *_linear(name + "attention.output.dense", ours + ("attn", "out")),
+              *_norm(name + "attention.output.LayerNorm", ours + ("attn_norm",)),
+              *_linear(name + "intermediate.dense", ours + ("fc_in",)),
+              *_linear(name + "output.dense", ours + ("fc_out",)),
+              *_norm(name + "output.LayerNorm", ours + ("mlp_norm",))]
+  return table
 
 
-def _qkv_names(i: int) -> list[str]:
-  p = f"encoder.layer.{i}.attention.self."
-  return [p + f"{n}.{w}" for w in ("weight", "bias") for n in ("query", "key", "value")]
+def head_entries() -> list[Entry]:
+  """The name map of BertForPreTraining's heads (its decoder is tied to the word embeddings)."""
+  return [*_linear("cls.predictions.transform.dense", ("mlm_dense",)),
+          *_norm("cls.predictions.transform.LayerNorm", ("mlm_norm",)),
+          Entry("cls.predictions.bias", ("mlm_bias",)), *_linear("cls.seq_relationship", ("nsp",))]
 
 
-def _head_names(model: BertForPreTraining) -> dict:
-  return {**_linear("cls.predictions.transform.dense", model.mlm_dense),
-          **_norm("cls.predictions.transform.LayerNorm", model.mlm_norm),
-          "cls.predictions.bias": (model.mlm_bias, None),
-          **_linear("cls.seq_relationship", model.nsp)}
+def entries(model) -> list[Entry]:
+  """The name map of a BertModel or BertForPreTraining (names without the "bert." prefix)."""
+  if isinstance(model, BertForPreTraining):
+    return encoder_entries(model.bert.config, ("bert",)) + head_entries()
+  return encoder_entries(model.config)
 
 
 # Buffers and tied copies that carry no parameter of their own.
@@ -105,153 +109,62 @@ _IGNORED_SUFFIXES = ("embeddings.position_ids", "cls.predictions.decoder.weight"
                      "cls.predictions.decoder.bias")
 
 
-def _read_safetensors(folder: pathlib.Path) -> dict:
-  from safetensors import safe_open
-  index = folder / "model.safetensors.index.json"
-  if index.is_file():
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-  elif (folder / "model.safetensors").is_file():
-    files = ["model.safetensors"]
-  else:
-    present = sorted(p.name for p in folder.iterdir())
-    pickled = [n for n in present if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5"))]
-    hint = (f"; {', '.join(pickled)} are pickle/TF formats, which llmx does not read: convert "
-            f"them to safetensors") if pickled else ""
-    raise CheckpointFormatError(f"{folder}: no model.safetensors (files: {', '.join(present)}){hint}")
-  weights = {}
-  for name in files:
-    # framework="flax" reads bfloat16 too (numpy has no bfloat16); everything becomes float32.
-    with safe_open(str(folder / name), framework="flax") as f:
-      for key in f.keys():
-        weights[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
-  return weights
-
-
 def _rename_legacy(name: str) -> str:
   # Checkpoints converted from the original TensorFlow BERT name LayerNorm parameters gamma/beta.
   return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
 
 
-def _assign(model_names: dict, qkv_layers, weights: dict, folder) -> None:
-  """Copies `weights` into the Params; raises one error listing every missing, unexpected and
-  mis-shaped weight."""
-  missing, misshaped = [], []
-  for name, (param, transform) in model_names.items():
-    if name not in weights:
-      missing.append(name)
-      continue
-    value = weights[name].T if transform == "T" else weights[name]
-    if value.shape != param.shape:
-      want = param.shape[::-1] if transform == "T" else param.shape
-      misshaped.append(f"{name}: {weights[name].shape}, expected {tuple(want)}")
-      continue
-    param[...] = jnp.asarray(value, param.dtype)
-  for i, attn in qkv_layers:
-    names = _qkv_names(i)
-    absent = [n for n in names if n not in weights]
-    missing += absent
-    if absent:
-      continue
-    d = attn.qkv.kernel.shape[0]
-    n_out = attn.n_head * attn.head_dim
-    bad = [f"{n}: {weights[n].shape}, expected {(n_out, d) if n.endswith('weight') else (n_out,)}"
-           for n in names if weights[n].shape != ((n_out, d) if n.endswith("weight") else (n_out,))]
-    if bad:
-      misshaped += bad
-      continue
-    attn.qkv.kernel[...] = jnp.asarray(np.concatenate([weights[n].T for n in names[:3]], 1))
-    attn.qkv.bias[...] = jnp.asarray(np.concatenate([weights[n] for n in names[3:]], 0))
-  if missing or misshaped:
-    parts = []
-    if missing:
-      parts.append(f"missing weights ({len(missing)}): {', '.join(missing)}")
-    if misshaped:
-      parts.append(f"mis-shaped weights ({len(misshaped)}): {'; '.join(misshaped)}")
-    raise CheckpointFormatError(f"{folder} does not match its config.json: {'. '.join(parts)}")
-
-
 def from_pretrained(path, *, with_pretraining_heads: bool = False, attention_impl=None,
                     dropout: float | None = None, seed: int = 0):
-  """Loads a Hugging Face BERT folder.
+  """Loads a Hugging Face BERT folder (config.json + model.safetensors or shards), in eval mode.
 
-  dropout: overrides the config's hidden_dropout_prob.
+  dropout: overrides the config's hidden_dropout_prob (training mode turns it on).
   -> BertModel, or BertForPreTraining (with_pretraining_heads=True; the folder must then hold
   `cls.*` weights). The tokenizer of the same folder:
   `llmx.data.wordpiece.WordPieceTokenizer.from_folder(path)`.
   Raises CheckpointFormatError naming what is wrong: no such folder, no or a non-BERT
   config.json, no safetensors, missing / unexpected / mis-shaped weights.
   """
-  folder = pathlib.Path(path).expanduser()
-  if not folder.is_dir():
-    raise CheckpointFormatError(f"{path}: no such folder (expected a Hugging Face BERT folder "
-                                f"with config.json and model.safetensors)")
-  config_file = folder / "config.json"
-  if not config_file.is_file():
-    raise CheckpointFormatError(f"{folder} is not a Hugging Face checkpoint: no config.json")
-  try:
-    hf_config = json.loads(config_file.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointFormatError(f"{config_file}: not valid JSON ({e})") from None
-  config = config_from_hf(hf_config, source=str(config_file), attention_impl=attention_impl)
+  folder = hf.folder_of(path, "a Hugging Face BERT folder")
+  config = config_from_hf(hf.read_config(folder), source=str(folder / hf.CONFIG),
+                          attention_impl=attention_impl)
   if dropout is not None:  # fine-tuning may want another rate than the checkpoint's config
     config = dataclasses.replace(config, dropout=dropout)
-  weights = _read_safetensors(folder)
-  weights = {_rename_legacy(k): v for k, v in weights.items()}
-  # BertForPreTraining / BertForMaskedLM files prefix the encoder with "bert.".
-  if any(k.startswith("bert.") for k in weights):
-    weights = {k.removeprefix("bert."): v for k, v in weights.items()}
+  infos = {}
+  for name, info in hf.read_headers(folder).items():
+    # BertForPreTraining / BertForMaskedLM files prefix the encoder with "bert.".
+    name = _rename_legacy(name).removeprefix("bert.")
+    if not name.endswith(_IGNORED_SUFFIXES):
+      infos[name] = info
+  if not with_pretraining_heads:
+    skipped = sorted(k for k in infos if k.startswith("cls."))
+    if skipped:
+      log.info("from_pretrained: %d head weights not loaded (%s...)", len(skipped), skipped[0])
+    infos = {k: v for k, v in infos.items() if not k.startswith("cls.")}
 
   rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-  bert = BertModel(config, rngs=rngs)
-  names = _encoder_names(bert)
-  model = bert
+  model = BertModel(config, rngs=rngs)
   if with_pretraining_heads:
-    model = BertForPreTraining(bert, rngs=rngs)
-    names.update(_head_names(model))
-  qkv = [(i, layer.attn) for i, layer in enumerate(bert.layers)]
-  expected = set(names) | {n for i, _ in qkv for n in _qkv_names(i)}
-  unexpected = sorted(k for k in weights if k not in expected and not k.endswith(_IGNORED_SUFFIXES)
-                      and not (k.startswith("cls.") and not with_pretraining_heads))
-  if unexpected:
-    raise CheckpointFormatError(
-        f"{folder}: unexpected weights ({len(unexpected)}) that a BERT encoder with this "
-        f"config.json does not have: {', '.join(unexpected)}")
-  skipped = sorted(k for k in weights if k.startswith("cls.") and k not in expected)
-  if skipped:
-    log.info("from_pretrained: %d head weights not loaded (%s...)", len(skipped), skipped[0])
-  _assign(names, qkv, weights, folder)
+    model = BertForPreTraining(model, rngs=rngs)
+  load(model, entries(model), infos, source=folder)
+  model.eval()
   return model
 
 
-def _state_dict(model) -> dict:
-  bert = model.bert if isinstance(model, BertForPreTraining) else model
-  names = _encoder_names(bert)
+def state_dict(model) -> dict[str, np.ndarray]:
+  """A BertModel or BertForPreTraining as Hugging Face tensors {name: float32 array}."""
+  tensors = export(model, entries(model), dtype=np.float32)
   if isinstance(model, BertForPreTraining):
-    names.update(_head_names(model))
-  out = {name: np.asarray(p[...]).T if t == "T" else np.asarray(p[...])
-         for name, (p, t) in names.items()}
-  for i, layer in enumerate(bert.layers):
-    kernel, bias = np.asarray(layer.attn.qkv.kernel[...]), np.asarray(layer.attn.qkv.bias[...])
-    wq, wk, wv = np.split(kernel, 3, axis=1)
-    bq, bk, bv = np.split(bias, 3)
-    for name, value in zip(_qkv_names(i), (wq.T, wk.T, wv.T, bq, bk, bv)):
-      out[name] = value
-  if isinstance(model, BertForPreTraining):
-    out = {(k if k.startswith("cls.") else "bert." + k): v for k, v in out.items()}
-  return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+    tensors = {(k if k.startswith("cls.") else "bert." + k): v for k, v in tensors.items()}
+  return tensors
 
 
 def save_pretrained(model, path) -> pathlib.Path:
   """Writes a BertModel or BertForPreTraining as a Hugging Face folder (config.json,
-  model.safetensors) that `from_pretrained` and Hugging Face's BertModel read. The tokenizer is
-  saved separately (WordPieceTokenizer.save)."""
-  from safetensors.numpy import save_file
-  folder = pathlib.Path(path)
-  folder.mkdir(parents=True, exist_ok=True)
+  model.safetensors) that `from_pretrained` and Hugging Face's BertModel read -> the folder. The
+  tokenizer is saved separately (WordPieceTokenizer.save)."""
   bert = model.bert if isinstance(model, BertForPreTraining) else model
-  hf = config_to_hf(bert.config)
+  config = config_to_hf(bert.config)
   if isinstance(model, BertForPreTraining):
-    hf["architectures"] = ["BertForPreTraining"]
-  (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-  save_file(_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
-  return folder
+    config["architectures"] = ["BertForPreTraining"]
+  return hf.write_checkpoint(path, state_dict(model), config)

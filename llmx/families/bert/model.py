@@ -10,7 +10,7 @@ Padding reaches the attention kernel as segment ids: 1 for real tokens, 0 for pa
 token never attends to padding and a sentence's output does not depend on how much padding
 follows it. Activations stay 2-D ([batch * seq, hidden]) between layers (faster on XLA:CPU).
 
-Loading a Hugging Face folder: `from_pretrained(path)` (llmx/families/bert/hf.py); its tokenizer:
+Loading a Hugging Face folder: `llmx.families.bert.hf.from_pretrained(path)`; its tokenizer:
 `llmx.data.wordpiece.WordPieceTokenizer.from_folder(path)`.
 """
 import dataclasses
@@ -309,12 +309,6 @@ class BertForQuestionAnswering(nnx.Module):
     loss = (_cross_entropy(start, s) + _cross_entropy(end, e)) / 2
     both = (jnp.argmax(start, -1) == s) & (jnp.argmax(end, -1) == e)
     return loss, dict(span_accuracy=both.mean())
-
-
-def from_pretrained(path, **kwargs) -> BertModel:
-  """A Hugging Face BERT folder (config.json + model.safetensors) -> BertModel; see bert_hf."""
-  from llmx.families.bert import hf as bert_hf  # bert_hf builds on this module
-  return bert_hf.from_pretrained(path, **kwargs)
 
 
 def flops_per_token(c: BertConfig, seq: int) -> float:

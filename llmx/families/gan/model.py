@@ -11,7 +11,7 @@ Two pairs:
       convolution exactly and ran 17x faster than nnx.ConvTranspose on XLA:CPU (fwd + bwd,
       batch 128, 4x4x64 -> 8x8x32).
 `GAN` holds one of each and samples. The losses are in `llmx.train.losses`; the training step (two
-optimizers) is built by the experiment.
+optimizers) is in step.py.
 
 The discriminators hold no batch statistics: WGAN-GP's gradient penalty needs each output to
 depend on its own sample only.

@@ -8,17 +8,14 @@ table (`positions="rope"`), RMSNorm (`norm="rmsnorm"`), a SwiGLU MLP (`mlp="swig
 grouped-query attention (`n_kv_head < n_head`), no biases (`bias=False`), an untied head and
 Gemma-2-style soft-capping of the output (and attention) logits.
 
-Generation uses `init_cache` / `decode` (a key/value cache per layer). `from_pretrained` and
-`save_pretrained` at the bottom read and write Hugging Face GPT-2 folders (safetensors).
+Decoding (llmx/inference) uses the cache protocol: `init_cache`, `decode_step`, `reorder_cache`. Hugging Face GPT-2
+folders: `from_pretrained` / `save_pretrained` in llmx/families/lm/hf.py.
 """
 import dataclasses
-import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import llmx_kernels as kernels
@@ -229,14 +226,23 @@ class GPT(nnx.Module):
       return losses
     return losses.sum() / jnp.maximum(valid.sum(), 1)
 
-  def init_cache(self, batch: int, max_len: int | None = None, dtype=jnp.float32) -> list:
+  # Decoding: the cache protocol of llmx/inference/protocol.py.
+  @property
+  def max_decode_len(self) -> int:
+    return self.config.block_size
+
+  def init_cache(self, batch: int, max_len: int | None = None, *, dtype=jnp.float32) -> list:
     """An empty key/value cache: per layer {"k", "v"} [batch, max_len, n_kv_head, head_dim]."""
     c = self.config
     max_len = max_len or c.block_size
     shape = (batch, max_len, c.n_kv_head or c.n_head, c.d_model // c.n_head)
     return [dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)) for _ in self.blocks]
 
-  def decode(self, tokens, positions, cache: list):
+  def reorder_cache(self, cache: list, rows) -> list:
+    """Row i of the new cache is row rows[i] (int [batch]) of the old one (beam search)."""
+    return jax.tree.map(lambda x: x[rows], cache)
+
+  def decode_step(self, tokens, positions, cache: list):
     """Runs new tokens through the model against the cache (inference: no dropout).
 
     tokens, positions: int [batch, T]: the tokens and their positions (< block_size), which may
@@ -256,139 +262,3 @@ def flops_per_token(c: GPTConfig, n_params: int, seq: int) -> float:
   """Training FLOPs per token (PaLM appendix B): 6N for the matmuls with parameters plus
   12 * n_layer * d_model * seq for attention scores and values, forward and backward."""
   return 6 * n_params + 12 * c.n_layer * c.d_model * seq
-
-
-# Hugging Face GPT-2 checkpoints ------------------------------------------------------------------
-# A GPT-2 folder is config.json + model.safetensors. Its Conv1D weights are stored [in, out]
-# (y = x @ W + b), which is the layout of an nnx.Linear kernel, so they are copied as they are;
-# attn.c_attn holds q | k | v along the output axis, head by head, as SelfAttention.qkv does.
-# The output head is tied to wte unless config.json says tie_word_embeddings=false.
-
-HF_ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True, "gelu": False}
-
-
-def _hf_names(c: GPTConfig) -> dict:
-  """HF tensor name -> (path of the llmx parameter, transpose?)."""
-  names = {"transformer.wte.weight": (("wte", "embedding"), False),
-           "transformer.wpe.weight": (("wpe",), False),
-           "transformer.ln_f.weight": (("ln_f", "scale"), False),
-           "transformer.ln_f.bias": (("ln_f", "offset"), False)}
-  for i in range(c.n_layer):
-    h, b = f"transformer.h.{i}.", ("blocks", i)
-    for hf, ours in (("ln_1", ("ln_1",)), ("ln_2", ("ln_2",))):
-      names[h + hf + ".weight"] = (b + ours + ("scale",), False)
-      names[h + hf + ".bias"] = (b + ours + ("offset",), False)
-    for hf, ours in (("attn.c_attn", ("attn", "qkv")), ("attn.c_proj", ("attn", "out")),
-                     ("mlp.c_fc", ("mlp", "fc")), ("mlp.c_proj", ("mlp", "proj"))):
-      names[h + hf + ".weight"] = (b + ours + ("kernel",), False)
-      names[h + hf + ".bias"] = (b + ours + ("bias",), False)
-  if not c.tie_embeddings:
-    names["lm_head.weight"] = (("lm_head", "kernel"), True)  # torch Linear: [out, in]
-  return names
-
-
-def _variable(model: nnx.Module, path):
-  node = model
-  for part in path:
-    node = node[part] if isinstance(part, int) else getattr(node, part)
-  return node
-
-
-def config_from_hf(hf: dict, **overrides) -> GPTConfig:
-  """A GPT-2 config.json (as a dict) -> GPTConfig; raises on options llmx does not implement."""
-  if hf.get("model_type", "gpt2") != "gpt2":
-    raise ValueError(f"model_type={hf.get('model_type')!r}: only 'gpt2' checkpoints are supported")
-  activation = hf.get("activation_function", "gelu_new")
-  unsupported = [f"{k}={hf.get(k)!r}" for k, ok in (
-      ("activation_function", activation in HF_ACTIVATIONS),
-      ("scale_attn_weights", hf.get("scale_attn_weights", True)),
-      ("scale_attn_by_inverse_layer_idx", not hf.get("scale_attn_by_inverse_layer_idx", False)),
-      ("add_cross_attention", not hf.get("add_cross_attention", False))) if not ok]
-  if unsupported:
-    raise ValueError(f"GPT-2 options not supported by llmx: {', '.join(unsupported)}")
-  fields = dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                n_head=hf["n_head"], d_model=hf["n_embd"], mlp_hidden=hf.get("n_inner"),
-                dropout=0.0, bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
-                gelu_approximate=HF_ACTIVATIONS[activation],
-                layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
-  fields.update(overrides)
-  return GPTConfig(**fields)
-
-
-def from_pretrained(path, *, seed: int = 0, **overrides) -> GPT:
-  """Loads a Hugging Face GPT-2 folder (config.json + model.safetensors) into a GPT.
-
-  Only safetensors are read (no torch, no pickle). overrides: GPTConfig fields to change, e.g.
-  dropout=0.1 for fine-tuning or attention_impl. Returns the model in eval mode; it answers
-  `model(input_ids, attention_mask=mask)` with logits [batch, T, vocab].
-  """
-  from safetensors.numpy import load_file
-
-  path = pathlib.Path(path)
-  for name in ("config.json", "model.safetensors"):
-    if not (path / name).is_file():
-      raise FileNotFoundError(f"{path / name}: not found (a GPT-2 folder needs config.json and "
-                              f"model.safetensors; .bin/pickle checkpoints are not read)")
-  config = config_from_hf(json.loads((path / "config.json").read_text()), **overrides)
-  tensors = load_file(path / "model.safetensors")
-  # Checkpoints of GPT2Model (no LM head) have no "transformer." prefix; the causal-mask buffers
-  # that old transformers versions saved (attn.bias [1,1,n,n], attn.masked_bias) are not weights.
-  tensors = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
-             for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-  names = _hf_names(config)
-  missing = sorted(set(names) - set(tensors))
-  unexpected = sorted(set(tensors) - set(names) - {"lm_head.weight"})
-  if missing or unexpected:
-    raise ValueError(f"{path / 'model.safetensors'} does not hold a GPT-2 of its config.json: "
-                     f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                     f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-  model = GPT(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-  for hf_name, (ours, transpose) in names.items():
-    variable = _variable(model, ours)
-    value = tensors[hf_name].T if transpose else tensors[hf_name]
-    if value.shape != variable[...].shape:
-      raise ValueError(f"{hf_name}: shape {value.shape} in the checkpoint, llmx expects "
-                       f"{variable[...].shape} for {'.'.join(map(str, ours))}")
-    variable[...] = jnp.asarray(value, variable[...].dtype)
-  model.eval()
-  return model
-
-
-def save_pretrained(model: GPT, path, *, eos_token_id: int | None = None) -> None:
-  """Writes `model` as a Hugging Face GPT-2 folder (config.json + model.safetensors) that
-  transformers' GPT2LMHeadModel.from_pretrained loads. A model without biases gets zero biases
-  (the same function); modern options that GPT-2 cannot express are refused.
-  eos_token_id: the end-of-text id (GPT-2 uses it as bos too); None writes null rather than
-  GPT-2's 50256, which is outside a small vocabulary."""
-  from safetensors.numpy import save_file
-
-  c = model.config
-  modern = [f"{k}={v!r}" for k, v, ok in (
-      ("positions", c.positions, c.positions == "learned"), ("norm", c.norm, c.norm == "layernorm"),
-      ("mlp", c.mlp, c.mlp == "gelu"), ("n_kv_head", c.n_kv_head, c.n_kv_head in (None, c.n_head)),
-      ("logits_soft_cap", c.logits_soft_cap, c.logits_soft_cap is None),
-      ("attn_logits_soft_cap", c.attn_logits_soft_cap, c.attn_logits_soft_cap is None)) if not ok]
-  if modern:
-    raise ValueError(f"save_pretrained writes GPT-2 checkpoints, which cannot hold {', '.join(modern)}")
-  tensors = {}
-  for hf_name, (ours, transpose) in _hf_names(c).items():
-    variable = _variable(model, ours[:-1])
-    value = getattr(variable, ours[-1])
-    if value is None:  # bias=False: GPT-2 always has biases; zeros compute the same function
-      shape = (variable.scale[...].shape if ours[-1] == "offset" else variable.kernel[...].shape[1:])
-      value = np.zeros(shape, np.float32)
-    else:
-      value = np.asarray(value[...], np.float32)
-    tensors[hf_name] = np.ascontiguousarray(value.T if transpose else value)
-  path = pathlib.Path(path)
-  path.mkdir(parents=True, exist_ok=True)
-  save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-  hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
-            n_positions=c.block_size, n_embd=c.d_model, n_layer=c.n_layer, n_head=c.n_head,
-            n_inner=c.hidden_size, activation_function="gelu_new" if c.gelu_approximate else "gelu",
-            layer_norm_epsilon=c.layer_norm_epsilon, tie_word_embeddings=c.tie_embeddings,
-            resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-            scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
-            reorder_and_upcast_attn=False, dtype="float32", bos_token_id=eos_token_id,
-            eos_token_id=eos_token_id)
-  (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
