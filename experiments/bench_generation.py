@@ -10,9 +10,6 @@ context window through the model for every new token; the cached one runs one pr
 token per step against the cache. Both are compiled before timing; each is timed over several
 rounds and the median reported (the machine is shared and drifts).
 """
-import statistics
-import time
-
 import jax
 import numpy as np
 from absl import flags
@@ -20,7 +17,8 @@ from ml_collections import config_flags
 
 from llmx.families.lm import recipe as lm_recipe
 from llmx.train.launch import run
-from llmx.inference.sampling import generate_batch, generate_uncached
+from llmx.inference import DecodingError
+from llmx.inference.bench import cached_vs_uncached
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/lm.py:nanogpt_baby", "LM config.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Run folder of a trained model; empty: a random "
@@ -28,16 +26,6 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "Run folder of a trained model; em
 _NEW = flags.DEFINE_integer("new_tokens", 512, "Tokens to generate.")
 _PROMPT = flags.DEFINE_integer("prompt_tokens", 16, "Prompt length (random tokens).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per path; the median is reported.")
-
-
-def timed(fn, rounds: int) -> tuple[np.ndarray, float]:
-  out = fn()  # compile and warm up
-  seconds = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    out = fn()
-    seconds.append(time.perf_counter() - start)
-  return out, statistics.median(seconds)
 
 
 def main(argv):
@@ -53,26 +41,20 @@ def main(argv):
     model.eval()
   context = model.config.block_size
   if _PROMPT.value + _NEW.value > context:
-    raise ValueError(f"prompt_tokens + new_tokens = {_PROMPT.value + _NEW.value} exceeds the "
+    raise DecodingError(f"prompt_tokens + new_tokens = {_PROMPT.value + _NEW.value} exceeds the "
                      f"model's block_size={context}")
   prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, _PROMPT.value)
   prompt = prompt.astype(np.int32)
 
-  uncached, uncached_s = timed(
-      lambda: generate_uncached(model, prompt, max_new_tokens=_NEW.value,
-                                block_size=_PROMPT.value + _NEW.value), _ROUNDS.value)
-  cached, cached_s = timed(
-      lambda: generate_batch(model, [prompt], max_new_tokens=_NEW.value, temperature=0).tokens[0],
-      _ROUNDS.value)
-  same = np.array_equal(uncached, cached)
-  first_diff = None if same else int(np.argmax(uncached != cached))
+  r = cached_vs_uncached(model, prompt, new_tokens=_NEW.value, rounds=_ROUNDS.value)
   print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}")
   print(f"model: {model.config.n_layer} layers x {model.config.d_model}, context {context}, "
         f"vocab {model.config.vocab_size}; prompt {_PROMPT.value} tokens, {_NEW.value} new, greedy")
-  print(f"uncached: {uncached_s:.3f} s  ({_NEW.value / uncached_s:,.0f} tokens/s)")
-  print(f"cached:   {cached_s:.3f} s  ({_NEW.value / cached_s:,.0f} tokens/s)")
-  print(f"speed-up: {uncached_s / cached_s:.1f}x")
-  print(f"identical tokens: {same}" + ("" if same else f" (first difference at {first_diff})"))
+  print(f"uncached: {r['uncached_s']:.3f} s  ({_NEW.value / r['uncached_s']:,.0f} tokens/s)")
+  print(f"cached:   {r['cached_s']:.3f} s  ({_NEW.value / r['cached_s']:,.0f} tokens/s)")
+  print(f"speed-up: {r['speedup']:.1f}x")
+  print(f"identical tokens: {r['identical']}" + ("" if r["identical"] else
+                                                  f" (first difference at {r['first_difference']})"))
 
 
 if __name__ == "__main__":

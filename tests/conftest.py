@@ -38,3 +38,10 @@ def load_config(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(variant) if variant else module.get_config()
+
+
+def adamw(learning_rate):
+  """The LM configs' optimizer (AdamW, b2 0.95, weight decay 0.1, clipping at 1) for tests that
+  build a Trainable by hand."""
+  from llmx.train import optimizers
+  return optimizers.optimizer("adamw", learning_rate, b2=0.95, weight_decay=0.1, grad_clip=1.0)

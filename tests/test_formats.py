@@ -18,7 +18,9 @@ def some_tensors(rng):
           "half": rng.normal(size=(7,)).astype(np.float16),
           "brain": rng.normal(size=(2, 3)).astype(ml_dtypes.bfloat16),
           "ids": np.arange(6, dtype=np.int64).reshape(2, 3),
-          "empty": np.zeros((0, 4), np.float32)}
+          "empty": np.zeros((0, 4), np.float32),
+          "e4m3": rng.normal(size=(5,)).astype(ml_dtypes.float8_e4m3fn),
+          "e5m2": rng.normal(size=(2, 2)).astype(ml_dtypes.float8_e5m2)}
 
 
 def test_write_read_round_trip_and_the_reference_reader_agrees(tmp_path):
@@ -29,10 +31,21 @@ def test_write_read_round_trip_and_the_reference_reader_agrees(tmp_path):
   for name, x in tensors.items():
     assert back[name].dtype == x.dtype and back[name].shape == x.shape, name
     np.testing.assert_array_equal(back[name], x, err_msg=name)
-  _, metadata = st.read_header(tmp_path / "ours.safetensors")
+  infos, metadata = st.read_header(tmp_path / "ours.safetensors")
   assert metadata == {"format": "pt"}
-  # The `safetensors` package reads our file (numpy has no bfloat16, so without that one) ...
-  plain = {k: v for k, v in tensors.items() if k != "brain"}
+  raw = (tmp_path / "ours.safetensors").read_bytes()  # offsets as the header itself gives them
+  n = int.from_bytes(raw[:8], "little")
+  for name, entry in json.loads(raw[8:8 + n]).items():
+    if name != "__metadata__":
+      assert [infos[name].begin, infos[name].end] == [8 + n + o for o in entry["data_offsets"]], name
+  # Big-endian and strided arrays are written as the values they hold.
+  st.write_file(tmp_path / "odd.safetensors", {"big": np.arange(3, dtype=">f4"),
+                                               "strided": np.arange(6.0).reshape(2, 3).T})
+  odd = st.read_file(tmp_path / "odd.safetensors")
+  np.testing.assert_array_equal(odd["big"], [0, 1, 2])
+  np.testing.assert_array_equal(odd["strided"], np.arange(6.0).reshape(2, 3).T)
+  # The `safetensors` package reads our file (numpy has no bfloat16 or float8, so without those) ...
+  plain = {k: v for k, v in tensors.items() if k not in ("brain", "e4m3", "e5m2")}
   st.write_file(tmp_path / "plain.safetensors", plain)
   theirs = safetensors.numpy.load_file(tmp_path / "plain.safetensors")
   for name, x in plain.items():
@@ -45,11 +58,18 @@ def test_write_read_round_trip_and_the_reference_reader_agrees(tmp_path):
 
 def test_rewriting_a_file_keeps_arrays_read_from_it(tmp_path):
   file = tmp_path / "m.safetensors"
-  st.write_file(file, {"w": np.ones(4, np.float32)})
-  before = st.read_file(file)["w"]
-  st.write_file(file, {"w": np.zeros(2, np.float32)})
+  st.write_file(file, {"w": np.ones(4, np.float32), "f8": np.ones(4, ml_dtypes.float8_e4m3fn)})
+  infos, _ = st.read_header(file)
+  opened = st.read_file(file)  # files opened (mapped), tensors not read yet
+  before = opened["w"]
+  st.write_file(file, {"w": np.zeros(2, np.float32), "f8": np.zeros(2, ml_dtypes.float8_e4m3fn)})
   np.testing.assert_array_equal(before, np.ones(4))  # still mapped from the replaced file
+  for name in ("w", "f8"):  # read after the rewrite, from the replaced file
+    np.testing.assert_array_equal(opened[name].astype(np.float32), np.ones(4), err_msg=name)
   np.testing.assert_array_equal(st.read_file(file)["w"], np.zeros(2))
+  assert [f.name for f in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left
+  with pytest.raises(CheckpointFormatError, match=r"m.safetensors: changed since its header was read \(w, f8\)"):
+    st.read_tensors(infos.values())
 
 
 def test_non_float_tensors_are_refused_unless_asked(tmp_path):
@@ -63,7 +83,8 @@ def test_corrupt_files_are_named(tmp_path):
   st.write_file(tmp_path / "m.safetensors", {"w": np.ones((4, 4), np.float32)})
   raw = (tmp_path / "m.safetensors").read_bytes()
   (tmp_path / "cut.safetensors").write_bytes(raw[:-8])  # data shorter than the header says
-  with pytest.raises(CheckpointFormatError, match=r"cut.safetensors: bad header entry for tensor 'w'"):
+  # (safetensors checks the layout as a whole, so the message cannot name the tensor)
+  with pytest.raises(CheckpointFormatError, match=r"cut.safetensors: not a safetensors file, or a damaged one"):
     st.read_header(tmp_path / "cut.safetensors")
   (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
   with pytest.raises(CheckpointFormatError, match=r"junk.safetensors: not a safetensors file"):
@@ -71,8 +92,35 @@ def test_corrupt_files_are_named(tmp_path):
   n = int.from_bytes(raw[:8], "little")
   header = raw[8:8 + n].replace(b'"F32"', b'"Q32"')
   (tmp_path / "dtype.safetensors").write_bytes(raw[:8] + header + raw[8 + n:])
-  with pytest.raises(CheckpointFormatError, match=r"dtype.safetensors: bad header entry.*'Q32'"):
+  with pytest.raises(CheckpointFormatError, match=r"dtype.safetensors: not a safetensors file.*Q32"):
     st.read_header(tmp_path / "dtype.safetensors")
+  # A dtype safetensors knows but llmx does not read.
+  st.write_file(tmp_path / "u8.safetensors", {"w": np.ones(4, np.uint8)})
+  raw = (tmp_path / "u8.safetensors").read_bytes()
+  n = int.from_bytes(raw[:8], "little")
+  header = raw[8:8 + n].replace(b'"U8"', b'"F8_E8M0"')
+  (tmp_path / "e8m0.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n:])
+  with pytest.raises(CheckpointFormatError, match=r"e8m0.safetensors: bad header entry for tensor 'w'.*'F8_E8M0'"):
+    st.read_header(tmp_path / "e8m0.safetensors")
+  # An absurd header length fails at once, in one line, without allocating it.
+  for length in (2**63, 2**40, 10**9):
+    (tmp_path / "huge.safetensors").write_bytes(length.to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointFormatError, match=r"huge.safetensors: not a safetensors file") as e:
+      st.read_header(tmp_path / "huge.safetensors")
+    assert "\n" not in str(e.value)
+  with pytest.raises(CheckpointFormatError, match=r"missing.safetensors: cannot read"):
+    st.read_header(tmp_path / "missing.safetensors")
+
+
+def test_write_errors_are_named(tmp_path):
+  with pytest.raises(CheckpointFormatError, match=r"c.safetensors: cannot write dtypes safetensors lacks: c \(complex128\)"):
+    st.write_file(tmp_path / "c.safetensors", {"c": np.ones(2, np.complex128)})
+  with pytest.raises(CheckpointFormatError, match=r"nowhere/m.safetensors: cannot write"):
+    st.write_file(tmp_path / "nowhere" / "m.safetensors", {"w": np.ones(2, np.float32)})
+  (tmp_path / "d.safetensors").mkdir()  # written, but cannot be renamed over a folder
+  with pytest.raises(CheckpointFormatError, match=r"d.safetensors: cannot write"):
+    st.write_file(tmp_path / "d.safetensors", {"w": np.ones(2, np.float32)})
+  assert [f.name for f in tmp_path.iterdir()] == ["d.safetensors"]  # no temporary file left
 
 
 def test_sharded_folder_reads_like_a_single_file(tmp_path):

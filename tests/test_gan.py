@@ -11,7 +11,7 @@ from flax import nnx
 
 from llmx.families.gan import data, evaluate, model as gan_lib, recipe
 from llmx.families.gan.step import adversarial
-from llmx.train import loop, losses
+from llmx.train import loop, losses, optimizers
 from llmx.train.config_check import ConfigError
 from tests.conftest import cli, load_config
 
@@ -248,7 +248,9 @@ def test_resume_gives_the_uninterrupted_run_with_batch_norm(tmp_path):
     rngs = fast_rngs()
     gan = gan_lib.GAN(gan_lib.MLPGenerator(3, 2, hidden=8, depth=2, batch_norm=True, rngs=rngs),
                       gan_lib.MLPDiscriminator(2, hidden=8, depth=2, rngs=rngs))
-    g_tx, d_tx = recipe.build_optimizers(c)
+    g_tx, _ = optimizers.from_config(c.train)
+    d_tx, _ = optimizers.from_config(c.train, steps=c.train.steps * c.gan.n_critic,
+                                     learning_rate=c.train.d_learning_rate)
     trainable = adversarial(gan, g_tx, d_tx, loss="hinge", n_critic=2, batch_size=8,
                                       gp_weight=0.5, seed=0)
     return loop.train(trainable, train_batches=data.real_batches(c, seed=0),
@@ -315,7 +317,7 @@ def test_digit_classifier_reads_real_digits_as_uniform():
     (dict(data=dict(name="digits", image_size=12)), r"data.image_size=12: image size 12 cannot be produced"),
     (dict(gan=dict(n_critic=0)), r"gan.n_critic=0: must be an integer > 0"),
     (dict(train=dict(beta1=1.0)), r"train.beta1=1.0: must lie in \[0.0, 1.0\)"),
-    (dict(train=dict(lr_decay="cosine")), r"train.lr_decay='cosine'"),
+    (dict(train=dict(schedule="cosine")), r"train.schedule='cosine'"),
     (dict(gan=dict(loss="wgan_gp", gp_weight=0.0)), r"gan.gp_weight=0.0: the wgan_gp loss needs"),
 ])
 def test_config_validation(overrides, message):

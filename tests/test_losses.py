@@ -101,3 +101,15 @@ def test_cross_entropy_edge_cases():
   assert losses.cross_entropy(z.astype(jnp.bfloat16), np.array([0, 1])).dtype == jnp.float32
   with pytest.raises(ValueError, match="reduction='avg'"):
     losses.mse(z, z, reduction="avg")
+
+
+def test_one_ignore_index_everywhere():
+  """The data floor may not import llmx.train, so its label files carry their own copy of -100;
+  they and the fused kernel's default must agree with losses.IGNORE_INDEX."""
+  import inspect
+
+  import llmx_kernels as kernels
+  from llmx.data import bert_pretraining, packing, tsv
+  kernel_default = inspect.signature(kernels.linear_cross_entropy).parameters["ignore_index"].default
+  assert {tsv.IGNORE_INDEX, bert_pretraining.IGNORE_INDEX, packing.IGNORE,
+          kernel_default} == {losses.IGNORE_INDEX}

@@ -22,10 +22,10 @@ from flax import nnx
 from llmx.families.lm import recipe as lm_recipe
 from llmx.data.lm_windows import fixed_batches, lm_batches
 from llmx.families.lm.model import GPT, GPTConfig
-from llmx.train import loop, optim
+from llmx.train import loop, optimizers
 from llmx.train.checkpoint import CheckpointError, Checkpointer
 from llmx.train.step import supervised
-from tests.conftest import REPO
+from tests.conftest import REPO, adamw
 
 STEPS = 60
 
@@ -166,8 +166,8 @@ TOKENS = np.random.default_rng(7).integers(0, 29, 5000).astype(np.int32)
 @functools.lru_cache(maxsize=1)
 def tiny_trainable():
   cfg = GPTConfig(vocab_size=29, block_size=16, n_layer=1, n_head=2, d_model=16, dropout=0.1)
-  sched = optim.warmup_cosine(1e-3, warmup_steps=2, decay_steps=12, end=1e-4)
-  return supervised(lambda: GPT(cfg, rngs=nnx.Rngs(params=0, dropout=1)), optim.adamw(sched),
+  sched = optimizers.warmup_cosine(1e-3, warmup_steps=2, decay_steps=12, end=1e-4)
+  return supervised(lambda: GPT(cfg, rngs=nnx.Rngs(params=0, dropout=1)), adamw(sched),
                     lambda model, batch: model.loss(batch[:, :-1], batch[:, 1:]))
 
 

@@ -19,12 +19,12 @@ from flax import nnx
 
 from llmx.data.lm_windows import lm_batches
 from llmx.families.lm.model import GPT, GPTConfig
-from llmx.train import loop, optim
+from llmx.train import loop, optimizers
 from llmx.train.config_check import ConfigError
 from llmx.train.mesh import (check_batch_size, data_shard, make_mesh, mesh_shape, process_rows)
 from llmx.train.sharding import RULES, logical_axes, partition_spec, state_shardings
 from llmx.train.step import microbatches, supervised
-from tests.conftest import load_config
+from tests.conftest import load_config, adamw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=4, d_model=64)
@@ -85,7 +85,7 @@ def test_rules_per_strategy():
 def test_one_device_state_shardings_and_unnamed_params_replicated():
   mesh = make_mesh()
   model = nnx.eval_shape(lambda: GPT(CFG, rngs=nnx.Rngs(0)))
-  trainable = supervised(lambda: GPT(CFG, rngs=nnx.Rngs(0)), optim.adamw(1e-3), lm_loss)
+  trainable = supervised(lambda: GPT(CFG, rngs=nnx.Rngs(0)), adamw(1e-3), lm_loss)
   abstract = jax.eval_shape(trainable.init)
   shardings = state_shardings(abstract, mesh)
   assert jax.tree.structure(shardings) == jax.tree.structure(abstract)
@@ -162,7 +162,7 @@ def _float32_reference():
   tokens = np.random.default_rng(1).integers(0, 32, 4000).astype(np.int32)
   data = lm_batches(tokens, block_size=16, batch_size=6, seed=3)
   batches = tuple(data[i] for i in range(3))
-  return batches, _steps(supervised(_build_small, optim.adamw(1e-3), lm_loss), batches)
+  return batches, _steps(supervised(_build_small, adamw(1e-3), lm_loss), batches)
 
 
 def _build_small():
@@ -171,7 +171,7 @@ def _build_small():
 
 def test_gradient_accumulation_matches_the_whole_batch():
   batches, (whole, whole_losses) = _float32_reference()
-  trainable = supervised(_build_small, optim.adamw(1e-3), lm_loss, grad_accum_steps=3)
+  trainable = supervised(_build_small, adamw(1e-3), lm_loss, grad_accum_steps=3)
   acc, acc_losses = _steps(trainable, batches)
   np.testing.assert_allclose(acc_losses, whole_losses, rtol=0, atol=2e-6)
   # Adam divides by sqrt(v): near-zero gradients amplify summation-order differences (FACTS.md)
@@ -181,8 +181,8 @@ def test_gradient_accumulation_matches_the_whole_batch():
 
 def test_mixed_precision_keeps_float32_params_and_computes_in_bfloat16():
   batches, (f32_state, _) = _float32_reference()
-  f32 = supervised(_build_small, optim.adamw(1e-3), lm_loss)
-  bf16 = supervised(_build_small, optim.adamw(1e-3), lm_loss, compute_dtype=jnp.bfloat16)
+  f32 = supervised(_build_small, adamw(1e-3), lm_loss)
+  bf16 = supervised(_build_small, adamw(1e-3), lm_loss, compute_dtype=jnp.bfloat16)
   # The train step's program: matmuls in bf16, the new params and optimizer state in float32.
   jaxpr = jax.make_jaxpr(bf16.train_step)(f32_state, batches[0])
   dots = [[v.aval.dtype for v in e.invars] for e in jaxpr.jaxpr.eqns
@@ -263,8 +263,8 @@ def _child_fsdp8(workdir):
 
   def make(accum=1):
     build = lambda: GPT(cfg, rngs=nnx.Rngs(params=0, dropout=1))
-    sched = optim.warmup_cosine(1e-3, warmup_steps=2, decay_steps=20, end=1e-4)
-    return supervised(build, optim.adamw(sched), lm_loss, grad_accum_steps=accum)
+    sched = optimizers.warmup_cosine(1e-3, warmup_steps=2, decay_steps=20, end=1e-4)
+    return supervised(build, adamw(sched), lm_loss, grad_accum_steps=accum)
 
   def steps(mesh, accum=1):
     """The loop's path without its checkpoints: sharded init, pinned shardings, 20 steps."""

@@ -10,10 +10,11 @@ from flax import nnx
 from llmx.data.lm_windows import fixed_batches, lm_batches
 from llmx.inference.sampling import generate
 from llmx.families.lm.model import GPT, GPTConfig
-from llmx.train import loop, optim
+from llmx.train import loop, optimizers
 from llmx.train.checkpoint import Checkpointer
 from llmx.train.config_check import ConfigError
 from llmx.train.step import supervised
+from tests.conftest import adamw
 
 TOKENS = np.random.default_rng(0).integers(0, 29, 5000).astype(np.int32)
 GPT_CFG = GPTConfig(vocab_size=29, block_size=16, n_layer=1, n_head=2, d_model=16, dropout=0.1)
@@ -25,8 +26,8 @@ def lm_loss(model, batch):
 
 def make_trainable(lr=1e-3, model_cfg=GPT_CFG):
   model = GPT(model_cfg, rngs=nnx.Rngs(params=0, dropout=1))
-  sched = optim.warmup_cosine(lr, warmup_steps=2, decay_steps=12, end=lr / 10)
-  return supervised(model, optim.adamw(sched), lm_loss), sched
+  sched = optimizers.warmup_cosine(lr, warmup_steps=2, decay_steps=12, end=lr / 10)
+  return supervised(model, adamw(sched), lm_loss), sched
 
 
 def run(workdir, steps, *, lr=1e-3, checkpoint_every=4, model_cfg=GPT_CFG, tokens=TOKENS):
@@ -47,7 +48,7 @@ def leaves(tree):
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
   model = GPT(GPT_CFG, rngs=nnx.Rngs(params=0, dropout=1))
-  tx = optim.adamw(1e-3)
+  tx = adamw(1e-3)
   state = supervised(model, tx, lm_loss).init()
   # One real update so the optimizer moments are not zeros.
   grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1, state["params"])
@@ -118,7 +119,7 @@ def test_generation_is_deterministic_for_a_seed():
 
 def test_schedule_is_nanogpts_get_lr():
   import math
-  sched = optim.warmup_cosine(1e-3, warmup_steps=100, decay_steps=2000, end=1e-4)
+  sched = optimizers.warmup_cosine(1e-3, warmup_steps=100, decay_steps=2000, end=1e-4)
 
   def nanogpt_get_lr(it):  # nanoGPT train.py
     if it < 100:

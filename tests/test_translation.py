@@ -1,6 +1,5 @@
-"""The encoder-decoder Transformer, its decoding (greedy, beam search, cache) and the
-translation data pipeline and experiment."""
-import functools
+"""The encoder-decoder Transformer, the translation data pipeline and experiment (its decoding:
+tests/test_inference.py)."""
 import json
 
 import jax
@@ -10,9 +9,10 @@ import pytest
 from flax import nnx
 
 from llmx.families.seq2seq import evaluate, recipe as setup
-from llmx.inference import search as decoding
+from llmx.inference.prompts import pad_sources
 from llmx.data import translation as data_lib
 from llmx.families.seq2seq.model import Transformer, TransformerConfig
+from llmx.train import optimizers
 from llmx.train.config_check import ConfigError
 from tests.conftest import cli, load_config
 
@@ -27,43 +27,6 @@ def tiny_model(*, vocab=29, norm="pre", seed=0, peaky=3.0, **overrides):
   fields.update(overrides)
   model = Transformer(TransformerConfig(**fields), rngs=nnx.Rngs(seed))
   model.tgt_embed.embedding[...] = model.tgt_embed.embedding[...] * peaky
-  model.eval()
-  return model
-
-
-@pytest.fixture(scope="module")
-def copy_model():
-  """A tiny model trained for a few seconds to copy its source: its hypotheses end in </s>
-  after various lengths, as a translation model's do (a random model's rarely emit </s>)."""
-  import optax
-  model = tiny_model(vocab=16, seed=8, peaky=1.0)
-  model.train()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optax.adam(3e-3)
-  rng = np.random.default_rng(9)
-
-  def loss(params, src, tgt_in, tgt_out):
-    m = nnx.merge(graphdef, params, rest)
-    return m.loss(src, tgt_in, tgt_out)
-
-  @jax.jit
-  def step(params, opt_state, src, tgt_in, tgt_out):
-    grads = jax.grad(loss)(params, src, tgt_in, tgt_out)
-    updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state
-
-  opt_state = tx.init(params)
-  for _ in range(150):
-    src = np.zeros((32, 12), np.int32)
-    tgt_in = np.zeros((32, 12), np.int32)
-    tgt_out = np.full((32, 12), -100, np.int32)
-    for r in range(32):
-      words = rng.integers(4, 16, size=rng.integers(1, 9))
-      src[r, :len(words) + 1] = np.append(words, EOS)
-      tgt_in[r, :len(words) + 1] = np.append(BOS, words)
-      tgt_out[r, :len(words) + 1] = np.append(words, EOS)
-    params, opt_state = step(params, opt_state, src, tgt_in, tgt_out)
-  model = nnx.merge(graphdef, params, rest)
   model.eval()
   return model
 
@@ -98,7 +61,7 @@ def test_decoder_is_causal(norm):
 
 
 def data_lib_pad(sources, width=None):
-  batch, _ = decoding.source_batch(sources, max_len=24, pad_id=0)
+  batch, _ = pad_sources(sources, max_len=24, pad_id=0)
   if width is not None:
     batch = np.pad(batch, ((0, 0), (0, width - batch.shape[1])))
   return batch
@@ -142,119 +105,15 @@ def test_loss_is_label_smoothed_cross_entropy():
   np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
-# ---------------------------------------------------------------- decoding
-@pytest.mark.parametrize("options", [
-    dict(norm="post", positions="learned", share_embeddings=False, tie_output=False),
-    dict(norm="pre", positions="sinusoidal")])
-def test_decode_step_matches_full_forward(options):
-  """Feeding the target one token at a time through the caches gives the full pass's logits."""
-  model = tiny_model(seed=10, peaky=1.0, **options)
-  rng = np.random.default_rng(5)
-  src = jnp.asarray(data_lib_pad(random_sources(rng, [4, 9], 29)))
-  tgt_in = jnp.asarray(rng.integers(4, 29, size=(2, 6)), jnp.int32).at[:, 0].set(BOS)
-  full = np.asarray(jax.jit(model)(src, tgt_in))
-  memory, src_valid = jax.jit(model.encode)(src)
-  cache = model.init_cache(memory, src_valid, 6)
-  step = jax.jit(model.decode_step)
-  for t in range(6):
-    logits, cache = step(tgt_in[:, t:t + 1], jnp.full((2, 1), t), cache)
-    np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
-
-
 def test_schedules():
   c = load_config("translation.py:smoke")
   c.train.update(schedule="rsqrt", learning_rate=2e-3, warmup_steps=100)
-  _, rsqrt = setup.build_optimizer(c)
+  _, rsqrt = optimizers.from_config(c.train)
   np.testing.assert_allclose([float(rsqrt(s)) for s in (0, 49, 99, 399)],
                              [2e-5, 1e-3, 2e-3, 1e-3], rtol=1e-5)
   c.train.update(schedule="cosine", steps=1000, min_learning_rate=1e-5)
-  _, cosine = setup.build_optimizer(c)
+  _, cosine = optimizers.from_config(c.train)
   assert float(cosine(100)) == pytest.approx(2e-3) and float(cosine(1000)) == pytest.approx(1e-5)
-
-
-def teacher_forced_logprobs(model, source, hypotheses, width=12):
-  """Sum of log p(token) of each hypothesis (ids after <s>) given the source, in one pass."""
-  tgt = np.zeros((len(hypotheses), width + 1), np.int32)
-  for i, h in enumerate(hypotheses):
-    tgt[i, :len(h) + 1] = np.concatenate([[BOS], h])
-  src = jnp.asarray(np.repeat(data_lib_pad([source], width=16), len(hypotheses), axis=0))
-  logp = np.asarray(_log_softmax_of(model, src, jnp.asarray(tgt[:, :-1])))
-  return [float(sum(logp[i, t, tgt[i, t + 1]] for t in range(len(h))))
-          for i, h in enumerate(hypotheses)]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _log_probs(graphdef, state, src, tgt_in):
-  return jax.nn.log_softmax(nnx.merge(graphdef, state)(src, tgt_in), axis=-1)
-
-
-def _log_softmax_of(model, src, tgt_in):
-  return _log_probs(*nnx.split(model), src, tgt_in)
-
-
-def test_beam_one_is_greedy_and_cache_matches_uncached(copy_model):
-  model = copy_model
-  sources = random_sources(np.random.default_rng(3), [2, 5, 9, 4, 13, 1, 7], 16)
-  common = dict(bos_id=BOS, eos_id=EOS, max_new_tokens=15)
-  greedy = decoding.greedy(model, sources, **common)
-  greedy_uncached = decoding.greedy(model, sources, use_cache=False, **common)
-  beam1 = decoding.beam_search(model, sources, beam_size=1, length_penalty=0.0, **common)
-  for g, gu, b in zip(greedy.tokens, greedy_uncached.tokens, beam1.tokens):
-    np.testing.assert_array_equal(g, gu)
-    np.testing.assert_array_equal(g, b)
-  np.testing.assert_allclose(greedy.scores, beam1.scores, rtol=1e-5)
-  np.testing.assert_allclose(greedy.scores, greedy_uncached.scores, rtol=1e-5)
-  assert any(t[-1] == EOS for t in greedy.tokens) and len({len(t) for t in greedy.tokens}) > 1
-  beam = decoding.beam_search(model, sources, beam_size=3, **common)
-  beam_uncached = decoding.beam_search(model, sources, beam_size=3, use_cache=False, **common)
-  for row, row_uncached in zip(beam.beams, beam_uncached.beams):
-    for h, hu in zip(row, row_uncached):
-      np.testing.assert_array_equal(h, hu)
-  np.testing.assert_allclose(beam.beam_scores, beam_uncached.beam_scores, rtol=1e-5)
-
-
-def test_beam_scores_sorted_and_finished_hypotheses_keep_eos(copy_model):
-  model = copy_model
-  sources = random_sources(np.random.default_rng(4), [3, 8, 5, 11], 16)
-  alpha, k = 0.6, 4
-  out = decoding.beam_search(model, sources, bos_id=BOS, eos_id=EOS, beam_size=k,
-                             length_penalty=alpha, max_new_tokens=12)
-  assert out.beam_scores.shape == (4, k)
-  assert np.all(np.diff(out.beam_scores, axis=1) <= 0)
-  finished = 0
-  for source, row, scores in zip(sources, out.beams, out.beam_scores):
-    assert len({tuple(h) for h in row}) == k            # no hypothesis twice
-    for h, score, logp in zip(row, scores, teacher_forced_logprobs(model, source, row)):
-      assert np.count_nonzero(h == EOS) <= 1 and (EOS not in h[:-1])
-      finished += int(h[-1] == EOS)
-      if h[-1] != EOS:
-        assert len(h) == 12                              # only unfinished at the length limit
-      # The score is the hypothesis's log-probability over the GNMT length penalty.
-      penalty = ((5 + len(h)) / 6) ** alpha
-      np.testing.assert_allclose(score, logp / penalty,
-                                 rtol=1e-4, atol=1e-5)
-  assert finished >= 8
-
-
-def test_decoding_bad_input():
-  model = tiny_model(seed=6)
-  common = dict(bos_id=BOS, eos_id=EOS)
-  with pytest.raises(decoding.DecodingError, match="source 1 is empty"):
-    decoding.greedy(model, [np.array([5, EOS]), np.array([EOS])], **common)
-  with pytest.raises(decoding.DecodingError, match="source 0 is empty"):
-    decoding.beam_search(model, [np.array([], np.int32)], **common)
-  too_long = np.concatenate([np.full(30, 7), [EOS]]).astype(np.int32)
-  with pytest.raises(decoding.DecodingError, match="31 tokens, more than the model's max_len=24"):
-    decoding.beam_search(model, [too_long], **common)
-  # Documented truncation: the first max_len - 1 tokens and </s>.
-  cut = decoding.greedy(model, [too_long], truncate=True, **common)
-  assert cut.truncated == 1
-  np.testing.assert_array_equal(
-      cut.tokens[0], decoding.greedy(model, [too_long[:23].tolist() + [EOS]], **common).tokens[0])
-  with pytest.raises(decoding.DecodingError, match="beam_size=0"):
-    decoding.beam_search(model, [too_long[-3:]], beam_size=0, **common)
-  with pytest.raises(decoding.DecodingError, match="max_new_tokens=24"):
-    decoding.greedy(model, [too_long[-3:]], max_new_tokens=24, **common)
 
 
 # ---------------------------------------------------------------- data
@@ -387,7 +246,9 @@ def test_train_resume_and_translate(tmp_path, data_dir):
   assert steps == [5, 10, 12]
   report = json.loads(open(f"{work}/test_bleu.json").read())
   assert report["step"] == 10 and report["pairs"] == 16 and 0 <= report["test_bleu"] <= 100
-  out = cli("experiments.translate", f"--workdir={work}", "--beam_size=2", "Hello.", "Thank you.")
+  sample = ["experiments.translate", f"--workdir={work}", "--beam_size=1", "--temperature=0.8",
+            "--top_p=0.9", "--seed=0", "Hello.", "Thank you."]
+  out = cli(*sample)
   assert out.stdout.count("\n") == 2  # one line per sentence (an untrained model's may be empty)
   empty = cli("experiments.translate", f"--workdir={work}", "Hello.", " ", check=False)
   assert empty.returncode == 2 and "sentence 1 is empty" in empty.stderr

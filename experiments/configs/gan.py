@@ -51,7 +51,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       steps=10000, batch_size=256,
       learning_rate=3e-3,     # the generator's
       d_learning_rate=3e-3,
-      beta1=0.5, beta2=0.9, lr_decay="linear",  # constant | linear (to 0 at train.steps)
+      optimizer="adam", beta1=0.5, beta2=0.9,
+      schedule="linear",  # constant | linear (to 0 at train.steps)
       eval_every=2500, checkpoint_every=2500, log_every=500, max_checkpoints=2, seed=0,
   ))
   c.eval = ml_collections.ConfigDict(dict(num_samples=2500, seed=1234))
@@ -67,7 +68,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.model.noise_dim = 64
     c.gan.update(loss="hinge", n_critic=1, gp_weight=0.0)
     c.train.update(steps=3000, batch_size=128, learning_rate=2e-4, d_learning_rate=2e-4,
-                   beta1=0.5, beta2=0.999, lr_decay="constant", eval_every=1000,
+                   beta1=0.5, beta2=0.999, schedule="constant", eval_every=1000,
                    checkpoint_every=1000, log_every=250)
   elif variant == "smoke":
     c.model.update(hidden=32, depth=2, noise_dim=4, width=8)

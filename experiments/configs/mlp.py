@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
       schedule="constant",    # constant | linear | cosine | rsqrt (llmx/train/optimizers.py)
       steps=400, batch_size=32,
       eval_every=100, checkpoint_every=100, log_every=50, max_checkpoints=2, seed=0,
+      keep_best_metric="",    # "val_accuracy": also keep the checkpoint where it was highest
   ))
   # Devices: data x fsdp x tensor = all devices (one size -1: the rest). fsdp > 1 shards params and
   # optimizer state (FSDP), tensor > 1 also splits the big matrices (tensor parallelism).

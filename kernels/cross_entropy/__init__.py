@@ -65,7 +65,11 @@ def _static_float(name, value, lo, hi):
   return float(value)
 
 
-def linear_cross_entropy(x, weight, labels, *, ignore_index=-100, label_smoothing=0.0,
+# The label of a position that has no loss (padding, an unselected MLM token), as in PyTorch.
+IGNORE_INDEX = -100
+
+
+def linear_cross_entropy(x, weight, labels, *, ignore_index=IGNORE_INDEX, label_smoothing=0.0,
                          z_loss=0.0, reduction="mean", implementation=None, interpret=False):
   """Cross-entropy of ``x @ weight`` against ``labels``, chunked and fused.
 
@@ -147,5 +151,5 @@ def linear_cross_entropy(x, weight, labels, *, ignore_index=-100, label_smoothin
   return total / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
 
 
-__all__ = ["linear_cross_entropy", "IMPLEMENTATIONS", "REDUCTIONS", "default_implementation",
+__all__ = ["linear_cross_entropy", "IGNORE_INDEX", "IMPLEMENTATIONS", "REDUCTIONS", "default_implementation",
            "XLA_MAX_LOGITS"]

@@ -15,8 +15,8 @@ pipeline is deterministic, resumes from one integer and shards by process with a
 """
 import grain
 import numpy as np
+from llmx_kernels.cross_entropy import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 
 def corpus_sentences(text: str) -> list[str]:

@@ -19,8 +19,8 @@ import grain
 import numpy as np
 
 from llmx.data.corpus import DataError
+from llmx_kernels.cross_entropy import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 
 def _lines(path, field: str):

@@ -74,7 +74,7 @@ def check_options(*, max_new_tokens: int, max_length: int | None = None,
 
 @dataclasses.dataclass
 class Decoded:
-  tokens: list              # per row: int32 [prompt + new tokens], a stop token kept; beam: the best
+  tokens: list              # per row: int32 [prompt + new tokens] (a stop kept); beam: the best
   prompt_lengths: np.ndarray  # int [rows]
   scores: np.ndarray        # [rows]: summed log-probs of the new tokens (beam: / length penalty)
   beams: list | None        # beam search: per row, beam_size hypotheses (as tokens), best first

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from llmx.errors import LlmxError
+from llmx_kernels.cross_entropy import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # the label of a position that has no loss (padding, an unselected MLM token)
 REDUCTIONS = ("mean", "sum", "none")
 
 

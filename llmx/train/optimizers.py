@@ -15,9 +15,10 @@ config's `train.*` fields become them.
   constant    (optional warm-up, then) the peak
 
 Weight decay touches matrices only (ndim >= 2): biases, norm scales and other vectors are not
-decayed, as in GPT-2 and nanoGPT. adamw and adafactor decay decoupled from the gradient; sgd,
-adam and rmsprop add the L2 term `weight_decay * p` to the gradient (PyTorch's convention for
-its `weight_decay` argument). Global-norm clipping comes first, before any of it.
+decayed, as in GPT-2 and nanoGPT. adamw decays decoupled from the gradient (p -= lr * wd * p);
+adafactor too, at a rate not scaled by the learning rate (optax's `weight_decay_rate`); sgd, adam
+and rmsprop add the L2 term `weight_decay * p` to the gradient (PyTorch's convention for its
+`weight_decay` argument). Global-norm clipping of the gradient comes first, before any of it.
 
 The transforms are built exactly as the families built them before this module, so the optimizer
 state of their checkpoints keeps the same tree (tests/test_optimizers.py checks both).
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from llmx.train.config_check import (ConfigError, require_choice, require_positive,
+from llmx.train.config_check import (require_choice, require_positive,
                                      require_range)
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adafactor")
@@ -122,11 +123,9 @@ def optimizer(name: str, learning_rate: float | Schedule, *, momentum: float = 0
 
 def _fields(t: ml_collections.ConfigDict, steps, learning_rate) -> dict:
   """The fields from_config reads, with defaults for those a family's config lacks."""
-  # The GAN config calls its schedule `train.lr_decay` ("constant" | "linear").
-  schedule_field = "schedule" if "schedule" in t or "lr_decay" not in t else "lr_decay"
   return {
       "optimizer": t.get("optimizer", "adamw"),
-      schedule_field: t.get(schedule_field, "cosine"),
+      "schedule": t.get("schedule", "cosine"),
       "steps": t.steps if steps is None else steps,
       "learning_rate": t.learning_rate if learning_rate is None else learning_rate,
       "warmup_steps": t.get("warmup_steps", 0),
@@ -146,7 +145,7 @@ def validate(t: ml_collections.ConfigDict, *, steps: int | None = None,
   f = _fields(t, steps, learning_rate)
   c = {"train": f}
   require_choice(c, "train.optimizer", OPTIMIZERS)
-  require_choice(c, "train.lr_decay" if "lr_decay" in f else "train.schedule", SCHEDULES)
+  require_choice(c, "train.schedule", SCHEDULES)
   require_positive(c, "train.steps")
   require_positive(c, "train.warmup_steps", "train.lr_decay_steps", allow_zero=True)
   require_range(c, "train.learning_rate", 0.0, float("inf"), low_open=True)
@@ -160,7 +159,7 @@ def validate(t: ml_collections.ConfigDict, *, steps: int | None = None,
 def from_config(t: ml_collections.ConfigDict, *, steps: int | None = None,
                 learning_rate: float | None = None) -> tuple[optax.GradientTransformation, Schedule]:
   """`train.*` -> (optimizer, schedule). Reads train.optimizer (default "adamw"), train.schedule
-  (default "cosine"; the GAN's train.lr_decay is the same field), learning_rate, warmup_steps,
+  (default "cosine"), learning_rate, warmup_steps,
   lr_decay_steps, min_learning_rate, momentum, beta1, beta2, weight_decay and grad_clip, each
   defaulting to "off" when a config lacks it.
 
@@ -169,7 +168,7 @@ def from_config(t: ml_collections.ConfigDict, *, steps: int | None = None,
   The schedule is always a function of the step, for logging.
   """
   f = validate(t, steps=steps, learning_rate=learning_rate)
-  lr = lr_schedule(f.get("schedule") or f["lr_decay"], f["learning_rate"], steps=f["steps"],
+  lr = lr_schedule(f["schedule"], f["learning_rate"], steps=f["steps"],
                    warmup_steps=f["warmup_steps"], decay_steps=f["lr_decay_steps"],
                    min_learning_rate=f["min_learning_rate"])
   tx = optimizer(f["optimizer"], lr, momentum=f["momentum"], b1=f["beta1"], b2=f["beta2"],

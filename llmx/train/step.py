@@ -131,7 +131,7 @@ def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientT
     new_state = dict(params=optax.apply_updates(state["params"], updates), rest=rest,
                      opt_state=opt_state, step=state["step"] + 1,
                      nonfinite_step=track_nonfinite(state, loss))
-    return new_state, dict(train_loss=loss, grad_norm=optax.global_norm(grads), **aux)
+    return new_state, dict(train_loss=loss, grad_norm=optax.tree.norm(grads), **aux)
 
   def eval_step(state, batch):
     model = nnx.merge(eval_graphdef, cast_floats(state["params"], compute_dtype), state["rest"])

@@ -20,9 +20,9 @@ from llmx.families.bert import hf as bert_hf
 from llmx.families.bert.evaluate import DevEvaluator
 from llmx.families.bert.model import (BertForQuestionAnswering, BertForSequenceClassification,
                                       BertForTokenClassification, BertModel)
-from llmx.families.bert.pretrain import (build_optimizer, expand_path, restore_pretrained,
-                                         validate_finetune)
+from llmx.families.bert.pretrain import expand_path, restore_pretrained, validate_finetune
 from llmx.nn.params import num_params
+from llmx.train import optimizers
 from llmx.train.config_check import ConfigError
 from llmx.train.recipe import Experiment, Recipe
 from llmx.train.step import supervised
@@ -114,7 +114,7 @@ def finetune_experiment(c: ml_collections.ConfigDict, mesh, workdir: str) -> Exp
   bert, tokenizer, source = load_encoder(c)
   train, dev, dev_rows, labels = task_data(c, tokenizer)
   model = build_task_model(c, bert, len(labels) if labels else None)
-  tx, schedule = build_optimizer(c.train)
+  tx, schedule = optimizers.from_config(c.train)
   log.info("%s from %s: %.2fM parameters; %d train / %d dev examples; labels %s",
            c.task, source, num_params(model) / 1e6, len(train), len(dev), labels)
   evaluator = DevEvaluator(c.task, dev, dev_rows, batch_size=c.train.eval_batch_size,

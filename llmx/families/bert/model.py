@@ -24,8 +24,9 @@ import llmx_kernels as kernels
 from llmx.errors import LlmxError
 from llmx.nn.attention import SelfAttention
 from llmx.nn.norms import LayerNorm
+from llmx.train import losses
+from llmx.train.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # label of a position that has no loss (unselected MLM token, padding)
 
 
 class SequenceTooLongError(LlmxError, ValueError):
@@ -151,14 +152,6 @@ def sentence_embeddings(last_hidden_state, attention_mask):
   return pooled / jnp.maximum(norm, 1e-12)
 
 
-def _cross_entropy(logits, labels):
-  """Mean cross-entropy over labels != IGNORE_INDEX (0 when there are none); logits [N, C]."""
-  valid = labels != IGNORE_INDEX
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[:, None], axis=-1)[:, 0]
-  return -(picked * valid).sum() / jnp.maximum(valid.sum(), 1)
-
-
 def _accuracy(logits, labels):
   valid = labels != IGNORE_INDEX
   return ((jnp.argmax(logits, -1) == labels) & valid).sum() / jnp.maximum(valid.sum(), 1)
@@ -219,7 +212,7 @@ class BertForPreTraining(nnx.Module):
     t1 = jnp.concatenate([t, jnp.ones((t.shape[0], 1), t.dtype)], 1)
     mlm_loss = kernels.linear_cross_entropy(t1, weight, labels, ignore_index=IGNORE_INDEX)
     nsp_logits = self.nsp(self.bert.pool(h, batch))
-    nsp_loss = _cross_entropy(nsp_logits, nsp_labels)
+    nsp_loss = losses.cross_entropy(nsp_logits, nsp_labels)
     metrics = dict(mlm_loss=mlm_loss, nsp_loss=nsp_loss, nsp_accuracy=_accuracy(nsp_logits, nsp_labels))
     if self.deterministic or deterministic:
       metrics["mlm_accuracy"] = _accuracy(t1 @ weight, labels)
@@ -255,7 +248,7 @@ class BertForSequenceClassification(nnx.Module):
   def loss(self, batch, deterministic=None):
     logits = self(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                   deterministic=deterministic)
-    return _cross_entropy(logits, batch["labels"]), dict(accuracy=_accuracy(logits, batch["labels"]))
+    return losses.cross_entropy(logits, batch["labels"]), dict(accuracy=_accuracy(logits, batch["labels"]))
 
 
 class BertForTokenClassification(nnx.Module):
@@ -279,7 +272,7 @@ class BertForTokenClassification(nnx.Module):
     logits = self(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                   deterministic=deterministic)
     logits, labels = logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
-    return _cross_entropy(logits, labels), dict(accuracy=_accuracy(logits, labels))
+    return losses.cross_entropy(logits, labels), dict(accuracy=_accuracy(logits, labels))
 
 
 class BertForQuestionAnswering(nnx.Module):
@@ -306,7 +299,7 @@ class BertForQuestionAnswering(nnx.Module):
     start, end = self(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                       deterministic=deterministic)
     s, e = batch["start_positions"], batch["end_positions"]
-    loss = (_cross_entropy(start, s) + _cross_entropy(end, e)) / 2
+    loss = (losses.cross_entropy(start, s) + losses.cross_entropy(end, e)) / 2
     both = (jnp.argmax(start, -1) == s) & (jnp.argmax(end, -1) == e)
     return loss, dict(span_accuracy=both.mean())
 

@@ -16,7 +16,7 @@ from llmx.families.bert import hf as bert_hf
 from llmx.families.bert.model import BertConfig, BertForPreTraining, BertModel, flops_per_token
 from llmx.nn.attention import ATTENTION_IMPLS
 from llmx.nn.params import num_params
-from llmx.train import optim, restore
+from llmx.train import optimizers, restore
 from llmx.train.checkpoint import Checkpointer
 from llmx.train.config_check import (ConfigError, require_choice, require_divisible,
                                      require_positive, require_range)
@@ -77,13 +77,6 @@ def expand_path(value: str, field: str) -> str:
     raise ConfigError(f"{field}={value!r}: an environment variable in it is not set")
   return path
 
-
-def build_optimizer(t: ml_collections.ConfigDict):
-  schedule = optim.warmup_cosine(t.learning_rate, warmup_steps=t.warmup_steps, decay_steps=t.steps,
-                                 end=t.min_learning_rate)
-  tx = optim.adamw(schedule, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay,
-                   grad_clip=t.grad_clip or None)
-  return tx, schedule
 
 def saved_meta(workdir: str) -> dict | None:
   """The newest checkpoint's metadata in workdir, or None (a fresh run)."""
@@ -156,7 +149,7 @@ def _pretraining_trainable(meta: dict):
   if meta.get("kind") != "bert_pretraining":
     raise ConfigError(f"the checkpoints hold a {meta.get('kind', 'non-BERT')} run, not one "
                       f"written by experiments.pretrain_bert")
-  tx, _ = build_optimizer(ml_collections.ConfigDict(meta["config"]).train)
+  tx, _ = optimizers.from_config(ml_collections.ConfigDict(meta["config"]).train)
   model = build_pretraining_model(BertConfig(**meta["must_match"]["model"]), seed=0)
   return supervised(model, tx, pretraining_loss)
 
@@ -166,7 +159,7 @@ def pretrain_experiment(c: ml_collections.ConfigDict, mesh, workdir: str) -> Exp
   tokenizer, train, val, train_tokens = pretraining_data(c, workdir)
   config = model_config(c, tokenizer.vocab_size)
   model = build_pretraining_model(config, c.train.seed)
-  tx, schedule = build_optimizer(c.train)
+  tx, schedule = optimizers.from_config(c.train)
   eval_batches = bert_pretraining.fixed_batches(val, batch_size=c.train.batch_size,
                                                 num_batches=c.train.eval_batches)
   baseline = bert_pretraining.unigram_baseline(eval_batches, train_tokens)

@@ -8,12 +8,11 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from llmx.families.gan import data, evaluate, model as gan_lib
 from llmx.families.gan.step import adversarial
-from llmx.train import losses
+from llmx.train import losses, optimizers
 from llmx.train.config_check import ConfigError, require_choice, require_positive, require_range
 from llmx.train.recipe import Experiment, Recipe
 
@@ -39,7 +38,7 @@ def validate(c: ml_collections.ConfigDict):
   if c.gan.loss == "wgan_gp" and c.gan.gp_weight <= 0:
     raise ConfigError(f"gan.gp_weight={c.gan.gp_weight!r}: the wgan_gp loss needs a penalty > 0 "
                       f"(without it the critic is unbounded)")
-  require_choice(c, "train.lr_decay", ("constant", "linear"))
+  require_choice(c, "train.schedule", ("constant", "linear"))
   if c.data.name == "digits":
     try:
       gan_lib.dcgan_upsamplings(c.data.image_size)
@@ -62,18 +61,6 @@ def build_gan(c: ml_collections.ConfigDict) -> gan_lib.GAN:
       gan_lib.MLPDiscriminator(2, hidden=m.hidden, depth=m.depth, data_scale=scale, rngs=rngs))
 
 
-def build_optimizers(c: ml_collections.ConfigDict):
-  """-> (generator tx, discriminator tx): Adam each, constant or decaying linearly to 0 by the
-  end of the run (the discriminator's schedule counts its n_critic updates per step)."""
-  t = c.train
-
-  def adam(lr, updates):
-    schedule = optax.linear_schedule(lr, 0.0, updates) if t.lr_decay == "linear" else lr
-    return optax.adam(schedule, b1=t.beta1, b2=t.beta2)
-
-  return adam(t.learning_rate, t.steps), adam(t.d_learning_rate, t.steps * c.gan.n_critic)
-
-
 def experiment(c: ml_collections.ConfigDict, mesh, workdir: str) -> Experiment:
   del mesh  # batches are split by process; the loop places them on the mesh
   digit_images = classifier = None
@@ -81,7 +68,10 @@ def experiment(c: ml_collections.ConfigDict, mesh, workdir: str) -> Experiment:
     digit_images, labels = data.load_digits(c.data.image_size)
     classifier = evaluate.DigitClassifier(digit_images, labels, seed=c.train.seed)
     log.info("digit classifier: %.3f held-out accuracy on real digits", classifier.test_accuracy)
-  g_tx, d_tx = build_optimizers(c)
+  # The discriminator's learning-rate schedule counts its n_critic updates per step.
+  g_tx, _ = optimizers.from_config(c.train)
+  d_tx, _ = optimizers.from_config(c.train, steps=c.train.steps * c.gan.n_critic,
+                                   learning_rate=c.train.d_learning_rate)
   trainable = adversarial(build_gan(c), g_tx, d_tx, loss=c.gan.loss, n_critic=c.gan.n_critic,
                           batch_size=c.train.batch_size, gp_weight=c.gan.gp_weight,
                           seed=c.train.seed)

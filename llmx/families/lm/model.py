@@ -8,8 +8,9 @@ table (`positions="rope"`), RMSNorm (`norm="rmsnorm"`), a SwiGLU MLP (`mlp="swig
 grouped-query attention (`n_kv_head < n_head`), no biases (`bias=False`), an untied head and
 Gemma-2-style soft-capping of the output (and attention) logits.
 
-Decoding (llmx/inference) uses the cache protocol: `init_cache`, `decode_step`, `reorder_cache`. Hugging Face GPT-2
-folders: `from_pretrained` / `save_pretrained` in llmx/families/lm/hf.py.
+Decoding (llmx/inference) uses the cache protocol: `init_cache`, `decode_step` and
+`reorder_cache` (a key/value cache per layer). Hugging Face GPT-2 folders: `from_pretrained` /
+`save_pretrained` in llmx/families/lm/hf.py.
 """
 import dataclasses
 import math

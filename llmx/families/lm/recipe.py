@@ -19,7 +19,7 @@ from llmx.data.lm_windows import fixed_batches, lm_batches
 from llmx.inference.sampling import generate
 from llmx.nn.attention import ATTENTION_IMPLS
 from llmx.nn.params import num_params
-from llmx.train import optim, restore
+from llmx.train import optimizers, restore
 from llmx.train.mesh import check_batch_size, data_shard, on_every_host, process_rows
 from llmx.train.recipe import Experiment, Recipe
 from llmx.train.step import supervised
@@ -145,15 +145,6 @@ def build_model(gpt_config: GPTConfig, seed: int, remat: str = "none") -> GPT:
   return GPT(gpt_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1), remat=remat)
 
 
-def build_optimizer(c: ml_collections.ConfigDict):
-  t = c.train
-  schedule = optim.warmup_cosine(t.learning_rate, warmup_steps=t.warmup_steps,
-                                 decay_steps=t.lr_decay_steps or t.steps, end=t.min_learning_rate)
-  tx = optim.adamw(schedule, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay,
-                   grad_clip=t.grad_clip or None)
-  return tx, schedule
-
-
 def lm_loss(model: GPT, batch):
   """batch: int [batch, block_size + 1] windows, or packed rows [batch, 3, block_size + 1]
   (llmx.data.packing); predict each next token."""
@@ -167,7 +158,7 @@ def trainable(c: ml_collections.ConfigDict, gpt_config: GPTConfig):
   """The train/eval steps the config asks for (optimizer, micro-batches, compute dtype, remat).
   The model is given as a builder, so the loop creates its parameters already sharded."""
   build = functools.partial(build_model, gpt_config, c.train.seed, remat=c.model.remat)
-  tx, schedule = build_optimizer(c)
+  tx, schedule = optimizers.from_config(c.train)
   return supervised(build, tx, lm_loss, grad_accum_steps=c.train.grad_accum_steps,
                     compute_dtype=compute_dtype(c)), schedule
 
@@ -225,5 +216,5 @@ def load_run(workdir: str):
 
 
 def _trainable_from_meta(meta: dict):
-  tx, _ = build_optimizer(ml_collections.ConfigDict(meta["config"]))
+  tx, _ = optimizers.from_config(ml_collections.ConfigDict(meta["config"]).train)
   return supervised(build_model(GPTConfig(**meta["must_match"]["model"]), seed=0), tx, lm_loss)

@@ -13,6 +13,8 @@ ACTIVATIONS = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh}
 
 
 class MLPClassifier(nnx.Module):
+  """features -> hidden units -> one logit; nnx.Linear's default initialisation (LeCun normal
+  weights, zero biases)."""
 
   def __init__(self, features: int, hidden: int, activation: str = "relu", *, rngs: nnx.Rngs):
     if activation not in ACTIVATIONS:

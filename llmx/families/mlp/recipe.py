@@ -91,7 +91,7 @@ def experiment(c: ml_collections.ConfigDict, mesh, workdir: str) -> Experiment:
       # must_match: what a checkpoint must agree on to be resumed; config: saved for the record.
       meta=dict(must_match=dict(model=c.model.to_dict(), data=c.data.to_dict()), config=c.to_dict()),
       schedule=schedule,  # logged as learning_rate
-      best_mode="max",    # --config.train.keep_best_metric=val_accuracy keeps the most accurate
+      best_mode="max",    # train.keep_best_metric=val_accuracy keeps the most accurate checkpoint
       finish=finish)
 
 

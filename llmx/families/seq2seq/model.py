@@ -12,9 +12,9 @@ tokens, 0 on padding) so real tokens never see padding; the cross-attention gets
 source's real tokens; the decoder's causal self-attention never reaches right padding.
 
 Activations are 2-D [batch * seq, d_model] between layers (faster on XLA:CPU, shared/FACTS.md);
-only attention sees [batch, seq, heads, head_dim]. Decoding (llmx/inference/search.py) uses `encode`,
-`init_cache` and `decode_step`: a key/value cache for the decoder's self-attention and the
-cross-attention's keys/values of the encoder output, computed once.
+only attention sees [batch, seq, heads, head_dim]. Decoding (llmx/inference) uses the cache
+protocol: `init_cache` encodes the source once and holds the cross-attention keys/values of its
+encoder output beside the decoder's self-attention cache; `decode_step`, `reorder_cache`.
 """
 import dataclasses
 import math
@@ -161,7 +161,11 @@ class DecoderLayer(nnx.Module):
     return _residual(x, mlp, self.ln_mlp, self.pre_norm)
 
   def decode(self, x, memory_kv, src_valid, *, batch: int, positions, cache: dict):
-    """New tokens against the self-attention cache (SelfAttention.decode); no dropout."""
+    """New tokens against the self-attention cache (SelfAttention.decode); no dropout.
+
+    memory_kv and src_valid are per source, and the `batch` rows a multiple of the sources:
+    the rows of a source (its beams or samples) fold into the query axis of its cross-attention.
+    """
     if self.pre_norm:
       y, cache = self.self_attn.decode(self.ln_self(x), batch=batch, positions=positions,
                                        cache=cache)
@@ -169,7 +173,8 @@ class DecoderLayer(nnx.Module):
     else:
       y, cache = self.self_attn.decode(x, batch=batch, positions=positions, cache=cache)
       x = self.ln_self(x + y)
-    return self._after_self(x, memory_kv, src_valid, batch=batch, deterministic=True), cache
+    return self._after_self(x, memory_kv, src_valid, batch=src_valid.shape[0],
+                            deterministic=True), cache
 
 
 def _residual(x, sublayer, norm, pre_norm: bool):
@@ -272,18 +277,28 @@ class Transformer(nnx.Module):
                                         label_smoothing=label_smoothing)
 
   # ------------------------------------------------------------------ cached decoding
-  def init_cache(self, memory, src_valid, max_len: int) -> dict:
-    """The decoding state of a batch: empty self-attention caches ([batch, max_len, heads,
-    head_dim] per layer), the memory's cross-attention keys/values and the source mask."""
-    batch = src_valid.shape[0]
+  # The cache protocol of llmx/inference/protocol.py.
+  @property
+  def max_decode_len(self) -> int:
+    return self.config.max_len
+
+  def init_cache(self, batch: int, max_len: int, src) -> dict:
+    """The decoding state of `batch` target rows for the sources src int [sources, S]: the
+    cross-attention keys/values of their encoder output and the source mask, once per source,
+    and empty self-attention caches ([batch, max_len, heads, head_dim] per layer). batch is a
+    multiple of sources: rows i*r..i*r+r-1 decode source i."""
+    sources = src.shape[0]
+    if batch % sources:
+      raise ValueError(f"batch={batch} target rows is not a multiple of the {sources} sources")
+    memory, src_valid = self.encode(src, deterministic=True)
     c = self.config
     shape = (batch, max_len, c.n_head, c.d_model // c.n_head)
     return dict(self_kv=[dict(k=jnp.zeros(shape, memory.dtype), v=jnp.zeros(shape, memory.dtype))
                          for _ in self.decoder],
-                cross_kv=self.memory_kv(memory, batch), src_valid=src_valid)
+                cross_kv=self.memory_kv(memory, sources), src_valid=src_valid)
 
   def decode_step(self, tokens, positions, cache: dict):
-    """tokens, positions int [batch, T] -> (logits float32 [batch, T, vocab], cache)."""
+    """tokens, positions int [batch, T] -> (decoder states [batch, T, d_model], cache)."""
     batch, seq = tokens.shape
     x = self.embed(tokens, positions, source=False, deterministic=True)
     new_self = []
@@ -293,5 +308,9 @@ class Transformer(nnx.Module):
       new_self.append(self_kv)
     if self.dec_norm is not None:
       x = self.dec_norm(x)
-    logits = self.logits(x).astype(jnp.float32).reshape(batch, seq, -1)
-    return logits, dict(cache, self_kv=new_self)
+    return x.reshape(batch, seq, -1), dict(cache, self_kv=new_self)
+
+  def reorder_cache(self, cache: dict, rows) -> dict:
+    """Row i of the new cache is row rows[i] (int [batch]) of the old one (beam search). Rows
+    move only among the rows of their source, so the per-source keys/values stay as they are."""
+    return dict(cache, self_kv=jax.tree.map(lambda x: x[rows], cache["self_kv"]))

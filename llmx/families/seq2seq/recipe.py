@@ -14,7 +14,7 @@ from llmx.families.seq2seq import evaluate, model as transformer
 from llmx.families.seq2seq.model import Transformer, TransformerConfig
 from llmx.nn.attention import ATTENTION_IMPLS
 from llmx.nn.params import num_params
-from llmx.train import optim, restore
+from llmx.train import optimizers, restore
 from llmx.train.mesh import check_batch_size, data_shard, process_rows
 from llmx.train.recipe import Experiment, Recipe
 from llmx.train.step import supervised
@@ -97,29 +97,6 @@ def build_model(config: TransformerConfig, seed: int) -> Transformer:
   return Transformer(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
 
-def rsqrt_schedule(peak: float, warmup_steps: int):
-  """The paper's schedule, scaled to reach `peak` at the end of the warm-up."""
-  warmup = max(warmup_steps, 1)
-
-  def schedule(step):
-    import jax.numpy as jnp
-    s = jnp.asarray(step, jnp.float32) + 1
-    return peak * jnp.minimum(s / warmup, jnp.sqrt(warmup / s))
-  return schedule
-
-
-def build_optimizer(c: ml_collections.ConfigDict):
-  t = c.train
-  if t.schedule == "rsqrt":
-    schedule = rsqrt_schedule(t.learning_rate, t.warmup_steps)
-  else:
-    schedule = optim.warmup_cosine(t.learning_rate, warmup_steps=t.warmup_steps,
-                                   decay_steps=t.steps, end=t.min_learning_rate)
-  tx = optim.adamw(schedule, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay,
-                   grad_clip=t.grad_clip or None)
-  return tx, schedule
-
-
 def translation_loss(model: Transformer, batch, *, label_smoothing: float):
   """batch: {src, tgt_in, tgt_out} int [rows, L] (llmx.data.translation.TokenBatches)."""
   return model.loss(batch["src"], batch["tgt_in"], batch["tgt_out"],
@@ -133,7 +110,7 @@ def loss_fn(c: ml_collections.ConfigDict):
 def experiment(c: ml_collections.ConfigDict, mesh, workdir: str) -> Experiment:
   data = load_data(c)
   config = model_config(c, data.tokenizer.vocab_size)
-  tx, schedule = build_optimizer(c)
+  tx, schedule = optimizers.from_config(c.train)
   trainable = supervised(functools.partial(build_model, config, c.train.seed), tx, loss_fn(c))
   n_params = num_params(nnx.eval_shape(lambda: build_model(config, 0)))
   batches = data_lib.TokenBatches(data.train, tokens_per_batch=c.train.tokens_per_batch,
@@ -176,6 +153,6 @@ def load_run(workdir: str):
 
 def _trainable_from_meta(meta: dict):
   config = ml_collections.ConfigDict(meta["config"])
-  tx, _ = build_optimizer(config)
+  tx, _ = optimizers.from_config(config.train)
   model = build_model(TransformerConfig(**meta["must_match"]["model"]), seed=0)
   return supervised(model, tx, loss_fn(config))
