@@ -12,10 +12,6 @@ decoding flags are llmx/inference/cli.py's, the same as experiments/generate.py'
   # BLEU of the newest checkpoint on the run's test (or val) split, as training reports it
   python -m experiments.translate --workdir=/tmp/enfr --bleu_split=test
 """
-import json
-import pathlib
-import time
-
 from absl import flags
 
 from llmx.families.seq2seq import evaluate, recipe as setup
@@ -26,23 +22,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder with checkpoints/.",
 _BLEU_SPLIT = flags.DEFINE_enum("bleu_split", "", ["", "test", "val"], "Instead of sentences: "
                                 "translate this split of the run's data and print its BLEU.")
 _BLEU_PAIRS = flags.DEFINE_integer("bleu_pairs", 0, "With --bleu_split: the first N pairs; 0: all.")
-
-
-def split_bleu(model, tokenizer, config, step, options):
-  """BLEU on the run's own test or validation split (the same fixed-seed split)."""
-  split = _BLEU_SPLIT.value
-  pairs = getattr(setup.load_split(config), split)[:_BLEU_PAIRS.value or None]
-  start = time.perf_counter()
-  hyps, truncated = evaluate.translate(model, tokenizer, [p[0] for p in pairs], truncate=True,
-                                       batch_size=config.eval.decode_batch, **options)
-  score, signature = evaluate.bleu_with_signature(hyps, [p[1] for p in pairs])
-  report = dict(step=step, split=split, bleu=score, pairs=len(pairs), truncated=truncated,
-                decode_seconds=time.perf_counter() - start, signature=signature, **options)
-  path = pathlib.Path(_WORKDIR.value, f"{split}_bleu_step{step}.json")
-  path.write_text(json.dumps(report, indent=2) + "\n")
-  print(f"{split} BLEU {score:.2f} at step {step} ({len(pairs)} pairs, beam "
-        f"{options['beam_size']}, length penalty {options['length_penalty']}, {truncated} "
-        f"truncated, {report['decode_seconds']:.0f} s); {signature}; written to {path}", flush=True)
 
 
 def main(argv):
@@ -59,7 +38,15 @@ def main(argv):
   model, tokenizer, config, step = setup.load_run(_WORKDIR.value)
   options["stop_tokens"] = decoding_flags.stop_tokens(tokenizer)
   if _BLEU_SPLIT.value:
-    return split_bleu(model, tokenizer, config, step, options)
+    pairs = getattr(setup.load_split(config), _BLEU_SPLIT.value)[:_BLEU_PAIRS.value or None]
+    report, path = evaluate.split_bleu(model, tokenizer, pairs, step=step, split=_BLEU_SPLIT.value,
+                                       workdir=_WORKDIR.value,
+                                       batch_size=config.eval.decode_batch, **options)
+    print(f"{report['split']} BLEU {report['bleu']:.2f} at step {step} ({report['pairs']} pairs, "
+          f"beam {options['beam_size']}, length penalty {options['length_penalty']}, "
+          f"{report['truncated']} truncated, {report['decode_seconds']:.0f} s); "
+          f"{report['signature']}; written to {path}", flush=True)
+    return
   translations, _ = evaluate.translate(model, tokenizer, sentences, **options)
   print("\n".join(translations), flush=True)
 

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from llmx.inference.sampling import generate
+from llmx.inference import generate
 from llmx.families.lm.hf import from_pretrained, save_pretrained
 from llmx.families.lm.model import GPT, GPTConfig
 from llmx.formats import CheckpointFormatError, hf

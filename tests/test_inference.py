@@ -133,6 +133,8 @@ def test_repetition_penalty_matches_a_reference():
     np.testing.assert_array_equal(row, text)
   plain = inference.generate(model, batch, max_new_tokens=10, temperature=0)
   assert any(not np.array_equal(a, b) for a, b in zip(got, plain))
+  single = inference.generate(model, batch[0], max_new_tokens=10)  # one prompt: one array
+  assert isinstance(single, np.ndarray) and single.shape == (13,)
 
 
 def test_min_p_draws_exactly_the_allowed_tokens():
@@ -161,15 +163,18 @@ def chain(probs: dict, vocab=8):
 def test_beam_length_penalty_and_early_stopping():
   """From S: </s> 0.4, a 0.35, c 0.2; a -> b -> </s> (0.99 each); c -> </s> 0.9. Raw
   log-probability prefers [</s>]; alpha 1 prefers [a b </s>], found only by going on past the
-  two finished hypotheses [</s>] and [c </s>] of step 2, which early stopping does not."""
-  S, A, B, C = 0, 3, 4, 5
-  model = chain({S: {EOS: 0.4, A: 0.35, C: 0.2}, A: {B: 0.99}, B: {EOS: 0.99}, C: {EOS: 0.9}})
+  two finished hypotheses [</s>] and [c </s>] of step 2, which early stopping does not (while
+  the row of prompt D, which never ends, keeps the loop going)."""
+  S, A, B, C, D = 0, 3, 4, 5, 6
+  model = chain({S: {EOS: 0.4, A: 0.35, C: 0.2}, A: {B: 0.99}, B: {EOS: 0.99}, C: {EOS: 0.9},
+                 D: {D: 0.99}})
   common = dict(beam_size=2, max_new_tokens=5, stop_tokens=[EOS])
-  best = lambda **kw: list(inference.decode(model, [[S]], **common, **kw).tokens[0])
+  best = lambda **kw: list(inference.decode(model, [[S], [D]], **common, **kw).tokens[0])
   assert best(length_penalty=0.0) == [S, EOS]
   assert best(length_penalty=1.0) == [S, A, B, EOS]
   assert best(length_penalty=1.0, early_stopping=True) == [S, EOS]
-  out = inference.decode(model, [[S]], length_penalty=1.0, **common)
+  out = inference.decode(model, [[S], [D]], length_penalty=1.0, **common)
+  assert list(out.tokens[1]) == [D] * 6
   np.testing.assert_allclose(out.beam_scores[0],
                              [np.log(0.35 * 0.99 * 0.99) / (8 / 6), np.log(0.4)], rtol=1e-5)
 
@@ -197,15 +202,25 @@ def gpt2():
   return lm_of()
 
 
+BATCH = prompts(3, 9, 1, 14)  # 14 + 9 new tokens = block_size
+
+
+@pytest.fixture(scope="module")
+def gpt2_greedy_uncached(gpt2):
+  return inference.generate(gpt2, BATCH, max_new_tokens=9, use_cache=False)
+
+
 @pytest.mark.parametrize("variant, options", [
     ("gpt2", dict(temperature=0)), ("gpt2", SAMPLING), ("gpt2", dict(beam_size=3)),
     ("llama", dict(temperature=0))])
-def test_lm_cached_equals_uncached(gpt2, variant, options):
-  """Prompts of 3, 9, 1 and 14 tokens in one batch, 9 new ones (14 + 9 = block_size)."""
-  model = gpt2 if variant == "gpt2" else lm_of(**LLAMA)
-  batch = prompts(3, 9, 1, 14)
-  cached = inference.decode(model, batch, max_new_tokens=9, **options)
-  uncached = inference.decode(model, batch, max_new_tokens=9, use_cache=False, **options)
+def test_lm_cached_equals_uncached(gpt2, gpt2_greedy_uncached, variant, options):
+  """Prompts of 3, 9, 1 and 14 tokens in one batch, 9 new ones each."""
+  model = gpt2 if variant == "gpt2" else lm_of(n_layer=1, **LLAMA)
+  cached = inference.decode(model, BATCH, max_new_tokens=9, **options)
+  if variant == "gpt2" and options == dict(temperature=0):
+    assert_same_rows(cached.tokens, gpt2_greedy_uncached)
+    return
+  uncached = inference.decode(model, BATCH, max_new_tokens=9, use_cache=False, **options)
   assert_same_rows(cached.tokens, uncached.tokens)
   np.testing.assert_allclose(cached.scores, uncached.scores, rtol=1e-5)
   assert [len(r) for r in cached.tokens] == [12, 18, 10, 23]
@@ -215,16 +230,17 @@ def test_lm_cached_equals_uncached(gpt2, variant, options):
     assert np.all(np.diff(cached.beam_scores, axis=1) <= 0)
 
 
-def test_lm_past_the_context_keeps_going(gpt2):
-  """40 new tokens after a 10-token prompt in a 23-token context: the cache is re-read from the
-  recent tokens; until the context is full the tokens are those of a run inside it."""
-  p = prompts(10)[0]
-  out = inference.generate(gpt2, p, max_new_tokens=40, temperature=0)
-  assert out.shape == (50,) and out.min() >= 0 and out.max() < VOCAB
-  inside = inference.generate(gpt2, p, max_new_tokens=13, temperature=0, use_cache=False)
-  np.testing.assert_array_equal(out[:23], inside)
-  again = inference.decode(gpt2, [p], max_new_tokens=40, temperature=0)  # compiled above
-  assert again.new_tokens == 40 and again.tokens_per_s > 0 and again.compile_s < 0.5
+def test_lm_past_the_context_keeps_going(gpt2, gpt2_greedy_uncached):
+  """40 new tokens per prompt in a 23-token context: when the longest row fills the context
+  (after 9 new tokens) every row goes on from a re-read of its recent tokens; until then the
+  tokens are the uncached ones."""
+  out = inference.generate(gpt2, BATCH, max_new_tokens=40)
+  assert [len(r) for r in out] == [len(p) + 40 for p in BATCH]
+  for row, inside in zip(out, gpt2_greedy_uncached):
+    np.testing.assert_array_equal(row[:len(inside)], inside)
+    assert row.min() >= 0 and row.max() < VOCAB
+  again = inference.decode(gpt2, BATCH, max_new_tokens=40)  # compiled above
+  assert again.new_tokens == 160 and again.tokens_per_s > 0 and again.compile_s < 0.5
 
 
 # ---------------------------------------------------------------- the encoder-decoder
@@ -243,7 +259,7 @@ def copy_model():
   """A tiny model trained for a few seconds to copy its source: its hypotheses end in </s>
   after various lengths, as a translation model's do (a random model's rarely emit </s>)."""
   import optax
-  model = tiny_seq2seq(vocab=16, seed=8, peaky=1.0)
+  model = tiny_seq2seq(vocab=16, seed=8, peaky=1.0, n_encoder_layers=1, n_decoder_layers=1)
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optax.adam(3e-3)
@@ -420,6 +436,7 @@ def test_sampling_draws_only_and_all_of_the_allowed_tokens():
     (dict(max_new_tokens=-2), r"max_new_tokens=-2"),
     (dict(max_length=0), r"max_length=0"),
     (dict(beam_size=4, top_p=0.9), r"top_p=0.9: a sampling option, but beam_size=4"),
+    (dict(beam_size=4, temperature=0.7), r"temperature=0.7: a sampling option"),
 ])
 def test_bad_options_are_one_line_errors(options, message):
   model = random_markov()
@@ -436,12 +453,12 @@ def test_bad_prompts_and_sources():
   with pytest.raises(inference.DecodingError, match="prompt 0: need a non-empty 1-D array"):
     inference.decode(model, [np.zeros(0, np.int32)], max_new_tokens=3)
   s2s = tiny_seq2seq(seed=6)
-  common = dict(bos_id=BOS, eos_id=EOS, temperature=0)
+  common = dict(bos_id=BOS, eos_id=EOS)
   with pytest.raises(inference.DecodingError, match="source 1 is empty"):
     inference.decode_sources(s2s, [np.array([5, EOS]), np.array([EOS])], **common)
   too_long = np.concatenate([np.full(30, 7), [EOS]]).astype(np.int32)
   with pytest.raises(inference.DecodingError, match="31 tokens, more than the model's max_len=24"):
-    inference.decode_sources(s2s, [too_long], beam_size=2, **dict(common, temperature=None))
+    inference.decode_sources(s2s, [too_long], beam_size=2, **common)
   with pytest.raises(inference.DecodingError, match=r"max_new_tokens=24: must be an integer in "
                                                     r"\[1, 23\]"):
     inference.decode_sources(s2s, [too_long[-3:]], max_new_tokens=24, **common)

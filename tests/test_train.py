@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from llmx.data.lm_windows import fixed_batches, lm_batches
-from llmx.inference.sampling import generate
+from llmx.inference import generate
 from llmx.families.lm.model import GPT, GPTConfig
 from llmx.train import loop, optimizers
 from llmx.train.checkpoint import Checkpointer
@@ -104,17 +104,17 @@ def test_generation_is_deterministic_for_a_seed():
   model = GPT(GPT_CFG, rngs=nnx.Rngs(0))
   model.eval()
   prompt = np.array([1, 2, 3], np.int32)
-  kw = dict(max_new_tokens=40, block_size=16, temperature=1.0, top_k=5)
+  kw = dict(max_new_tokens=40, temperature=1.0, top_k=5)
   a, b = generate(model, prompt, seed=7, **kw), generate(model, prompt, seed=7, **kw)
   c = generate(model, prompt, seed=8, **kw)
   assert a.shape == (43,) and np.array_equal(a[:3], prompt)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
-  greedy = generate(model, prompt, max_new_tokens=5, block_size=16, temperature=0.0)
+  greedy = generate(model, prompt, max_new_tokens=5, temperature=0.0)
   logits = model(jnp.asarray(prompt)[None])[0, -1]
   assert greedy[3] == int(jnp.argmax(logits))
   with pytest.raises(ValueError, match="temperature=-1"):
-    generate(model, prompt, max_new_tokens=5, block_size=16, temperature=-1)
+    generate(model, prompt, max_new_tokens=5, temperature=-1)
 
 
 def test_schedule_is_nanogpts_get_lr():

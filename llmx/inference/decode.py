@@ -30,8 +30,8 @@ from llmx.inference.prompts import DecodingError, pad_prompts, pad_sources, prom
 from llmx.inference.protocol import Cached, Uncached
 from llmx.inference.sampling import sample_loop
 
-# The value of each sampling option that leaves the logits as they are (None means it too).
-SAMPLING_OFF = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
+# The value of each sampling option that asks for no sampling (None means it too): greedy.
+SAMPLING_OFF = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
 
 
 def _is_int(x) -> bool:
@@ -39,7 +39,7 @@ def _is_int(x) -> bool:
 
 
 def check_options(*, max_new_tokens: int, max_length: int | None = None,
-                  temperature: float | None = None, top_k: int | None = None,
+                  temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, min_p: float | None = None,
                   repetition_penalty: float | None = None, beam_size: int = 1,
                   length_penalty: float = 0.6, early_stopping: bool = False, seed: int = 0):
@@ -49,7 +49,7 @@ def check_options(*, max_new_tokens: int, max_length: int | None = None,
     raise DecodingError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
   if max_length is not None and (not _is_int(max_length) or max_length <= 0):
     raise DecodingError(f"max_length={max_length!r}: must be an integer > 0, or None for no limit")
-  if temperature is not None and not temperature >= 0:
+  if not temperature >= 0:
     raise DecodingError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
   if top_k is not None and (not _is_int(top_k) or top_k < 0):
     raise DecodingError(f"top_k={top_k!r}: must be an integer >= 1, or 0/None for no top-k filter")
@@ -78,7 +78,7 @@ class Decoded:
   prompt_lengths: np.ndarray  # int [rows]
   scores: np.ndarray        # [rows]: summed log-probs of the new tokens (beam: / length penalty)
   beams: list | None        # beam search: per row, beam_size hypotheses (as tokens), best first
-  beam_scores: np.ndarray | None  # beam search: [rows, beam_size], descending
+  beam_scores: np.ndarray | None  # beam search: [rows, beam_size], descending (-inf: none)
   new_tokens: int           # new tokens over all rows (beam: of the best hypotheses)
   compile_s: float          # tracing and compilation (0 when the program was compiled before)
   run_s: float              # prefill and decoding
@@ -95,7 +95,7 @@ class Decoded:
 
 
 def decode(model: nnx.Module, prompts, *, inputs: tuple = (), max_new_tokens: int,
-           max_length: int | None = None, temperature: float | None = None,
+           max_length: int | None = None, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
            repetition_penalty: float | None = None, stop_tokens=(), beam_size: int = 1,
            length_penalty: float = 0.6, early_stopping: bool = False, seed: int = 0,
@@ -106,9 +106,10 @@ def decode(model: nnx.Module, prompts, *, inputs: tuple = (), max_new_tokens: in
   padded sources int [sources, S]; the prompts are then a multiple of the sources, in order).
   A row ends after max_new_tokens new tokens, at max_length tokens in all (prompt included), or
   at its first token in stop_tokens (kept), whichever comes first.
-  beam_size 1 samples: temperature (None: 1; 0: greedy), top_k (0/None: off), top_p (1/None:
-  off), min_p (0/None: off), repetition_penalty (1/None: off), seed. beam_size > 1 searches
-  (beam.py): length_penalty (GNMT alpha), early_stopping; the sampling options must stay off.
+  beam_size 1 is greedy (temperature 0, the default) or samples (temperature > 0): top_k
+  (0/None: off), top_p (1/None: off), min_p (0/None: off), seed; repetition_penalty (1/None:
+  off) applies to both. beam_size > 1 searches (beam.py): length_penalty (GNMT alpha),
+  early_stopping; the sampling options (repetition_penalty too) must stay off.
   """
   check_options(max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature,
                 top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
@@ -128,7 +129,7 @@ def decode(model: nnx.Module, prompts, *, inputs: tuple = (), max_new_tokens: in
                 max_new=int(max_new_tokens), stop_tokens=tuple(int(t) for t in stop_tokens))
   graphdef, state = nnx.split(model)
   if beam_size == 1:
-    static.update(greedy=temperature == 0, top_k=top_k or None,
+    static.update(greedy=not temperature, top_k=top_k or None,
                   top_p_on=top_p is not None and top_p < 1)
     args = (state, batch, lengths, limits.astype(np.int32), inputs, jax.random.key(seed),
             np.float32(temperature or 1.0), np.float32(top_p or 1.0), np.float32(min_p or 0.0),

@@ -16,7 +16,7 @@ from llmx.data.packing import split_packed
 from llmx.families.lm import model as gpt
 from llmx.families.lm.model import GPT, GPTConfig
 from llmx.data.lm_windows import fixed_batches, lm_batches
-from llmx.inference.sampling import generate
+from llmx.inference import generate
 from llmx.nn.attention import ATTENTION_IMPLS
 from llmx.nn.params import num_params
 from llmx.train import optimizers, restore
@@ -188,8 +188,7 @@ def experiment(c: ml_collections.ConfigDict, mesh, workdir: str) -> Experiment:
     model = on_every_host(result.model, mesh)
     if jax.process_index() == 0:
       out = generate(model, tokenizer.encode(s.prompt), max_new_tokens=s.max_new_tokens,
-                     block_size=c.model.block_size, temperature=s.temperature, top_k=s.top_k,
-                     seed=s.seed)
+                     temperature=s.temperature, top_k=s.top_k, seed=s.seed)
       print(f"--- sample after step {result.step} ---\n{tokenizer.decode(out)}\n---", flush=True)
 
   return Experiment(

@@ -10,21 +10,23 @@ import numpy as np
 
 from llmx.data import translation as data_lib
 from llmx.families.seq2seq.model import Transformer
-from llmx.inference import search as decoding
+from llmx import inference
 
 log = logging.getLogger("llmx")
 
 
-class TranslationError(decoding.DecodingError):
+class TranslationError(inference.DecodingError):
   pass
 
 
 def translate(model: Transformer, tokenizer: data_lib.SubwordTokenizer, sentences: list[str], *,
               beam_size: int = 4, length_penalty: float = 0.6, batch_size: int = 250,
-              truncate: bool = False) -> tuple[list[str], int]:
+              truncate: bool = False, **options) -> tuple[list[str], int]:
   """English sentences -> (French sentences, number of sources truncated).
 
-  beam_size 1 with length_penalty 0 is greedy decoding. An empty sentence raises
+  beam_size 1 is greedy decoding, or sampling with options such as temperature=0.8, top_p=0.9,
+  seed=0 (the options of llmx.inference.decode: also stop_tokens, max_new_tokens,
+  early_stopping, ...). An empty sentence raises
   TranslationError; one longer than model.max_len tokens raises it too unless truncate=True
   (its first max_len - 1 subwords are translated). Sentences are decoded in batches sorted by
   length, so that each batch pads little.
@@ -45,14 +47,12 @@ def translate(model: Transformer, tokenizer: data_lib.SubwordTokenizer, sentence
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
     batch = [ids[i] for i in chunk]
-    common = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, truncate=truncate)
-    if beam_size == 1 and length_penalty == 0:
-      result = decoding.greedy(model, batch, **common)
-    else:
-      result = decoding.beam_search(model, batch, beam_size=beam_size,
-                                    length_penalty=length_penalty, **common)
+    result = inference.decode_sources(model, batch, bos_id=tokenizer.bos_id,
+                                      eos_id=tokenizer.eos_id, truncate=truncate,
+                                      beam_size=beam_size, length_penalty=length_penalty,
+                                      **options)
     truncated += result.truncated
-    for i, tokens in zip(chunk, result.tokens):
+    for i, tokens in zip(chunk, result.continuations):
       out[i] = tokenizer.decode(tokens)
   return out, truncated
 
@@ -109,3 +109,18 @@ def report_test_bleu(c, tokenizer, test_pairs, result, *, workdir: str, n_params
   print(f"test BLEU {score:.2f} ({len(hyps)} pairs, beam {e.beam_size}, length penalty "
         f"{e.length_penalty}, {truncated} sources truncated, {seconds:.0f} s) at step "
         f"{result.step}; {signature}\n{examples}", flush=True)
+
+
+def split_bleu(model, tokenizer, pairs, *, step: int, split: str, workdir: str, batch_size: int,
+               **options) -> tuple[dict, pathlib.Path]:
+  """BLEU on (source, reference) `pairs` of the run's `split`, written to
+  WORKDIR/<split>_bleu_step<step>.json -> (report, its path)."""
+  start = time.perf_counter()
+  hyps, truncated = translate(model, tokenizer, [p[0] for p in pairs], truncate=True,
+                              batch_size=batch_size, **options)
+  score, signature = bleu_with_signature(hyps, [p[1] for p in pairs])
+  report = dict(step=step, split=split, bleu=score, pairs=len(pairs), truncated=truncated,
+                decode_seconds=time.perf_counter() - start, signature=signature, **options)
+  path = pathlib.Path(workdir, f"{split}_bleu_step{step}.json")
+  path.write_text(json.dumps(report, indent=2) + "\n")
+  return report, path
