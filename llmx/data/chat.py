@@ -29,9 +29,9 @@ import numpy as np
 from llmx.data import packing
 from llmx.data.corpus import DataError
 from llmx.errors import LlmxError
+from llmx.formats import chat_template
 from llmx_kernels.cross_entropy import IGNORE_INDEX
 
-ROLES = ("system", "user", "assistant")
 INPUTS, SEGMENT_IDS, POSITIONS, TARGETS = 0, 1, 2, 3
 
 
@@ -39,20 +39,10 @@ INPUTS, SEGMENT_IDS, POSITIONS, TARGETS = 0, 1, 2, 3
 
 def check_conversation(messages, where: str = "conversation") -> list[dict]:
   """-> [{"role", "content"}]; a DataError starting with `where` says what is wrong."""
-  if not isinstance(messages, list) or not messages:
-    raise DataError(f"{where}: 'messages' must be a non-empty list, got {_short(messages)}")
-  out = []
-  for i, m in enumerate(messages):
-    if not isinstance(m, dict) or "role" not in m or "content" not in m:
-      raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content', "
-                      f"got {_short(m)}")
-    if m["role"] not in ROLES:
-      raise DataError(f"{where}: messages[{i}] has unknown role {_short(m['role'])}; roles: "
-                      f"{', '.join(ROLES)}")
-    if not isinstance(m["content"], str):
-      raise DataError(f"{where}: messages[{i}].content must be a string, got "
-                      f"{type(m['content']).__name__}")
-    out.append({"role": m["role"], "content": m["content"]})
+  try:
+    out = chat_template.check_messages(messages, where)
+  except chat_template.ChatTemplateError as e:
+    raise DataError(str(e)) from None
   if not any(m["role"] == "assistant" for m in out):
     raise DataError(f"{where}: no assistant message (nothing to train on)")
   return out

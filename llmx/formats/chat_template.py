@@ -13,21 +13,28 @@ class ChatTemplateError(LlmxError, ValueError):
   pass
 
 
-def check_messages(messages) -> list[dict]:
-  """-> the messages as dicts; each must have a known `role` and a string `content`."""
+def check_messages(messages, where: str = "messages") -> list[dict]:
+  """-> [{"role", "content"}]: each message must have a known `role` and a string `content`; an
+  error starts with `where` (e.g. "chat.jsonl:12")."""
   if not isinstance(messages, (list, tuple)) or not messages:
-    raise ChatTemplateError(f"messages={messages!r}: must be a non-empty list of "
-                            f"{{'role': ..., 'content': ...}}")
+    raise ChatTemplateError(f"{where}: must be a non-empty list of {{'role': ..., 'content': ...}}, "
+                            f"got {_short(messages)}")
   for i, m in enumerate(messages):
     if not isinstance(m, dict) or "role" not in m or "content" not in m:
-      raise ChatTemplateError(f"messages[{i}]={m!r}: must be a dict with 'role' and 'content'")
+      raise ChatTemplateError(f"{where}: messages[{i}] must be an object with 'role' and "
+                              f"'content', got {_short(m)}")
     if m["role"] not in ROLES:
-      raise ChatTemplateError(f"messages[{i}].role={m['role']!r}: must be one of "
-                              f"{', '.join(map(repr, ROLES))}")
+      raise ChatTemplateError(f"{where}: messages[{i}] has unknown role {_short(m['role'])}; "
+                              f"roles: {', '.join(ROLES)}")
     if not isinstance(m["content"], str):
-      raise ChatTemplateError(f"messages[{i}].content: must be a string, got "
+      raise ChatTemplateError(f"{where}: messages[{i}].content must be a string, got "
                               f"{type(m['content']).__name__}")
-  return [dict(m) for m in messages]
+  return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _short(x, limit: int = 60) -> str:
+  text = repr(x)
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 @functools.lru_cache(maxsize=16)
