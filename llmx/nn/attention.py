@@ -24,11 +24,14 @@ class SelfAttention(nnx.Module):
   def __init__(self, d_model: int, n_head: int, *, n_kv_head: int | None = None,
                use_bias: bool = True, dropout: float = 0.0, init_std: float = 0.02,
                out_init_std: float | None = None, attention_impl: str | None = None,
-               rope_theta: float | None = None, logits_soft_cap: float | None = None,
+               rope_theta: float | None = None, rope_scaling: tuple | None = None,
+               logits_soft_cap: float | None = None, qkv_bias: bool | None = None,
                rngs: nnx.Rngs):
     """rope_theta: rotate queries and keys by their positions (RoPE) with this base; None: no
     rotation (positions come from a learned table outside). logits_soft_cap: c * tanh(s / c) on
-    the attention logits (Gemma 2); None: off."""
+    the attention logits (Gemma 2); None: off. rope_scaling: see llmx.nn.rope.rope_frequencies.
+    qkv_bias: biases on the q, k, v projections (None: as use_bias; Qwen2 has them without an
+    output bias)."""
     n_kv_head = n_kv_head or n_head
     if d_model % n_head:
       raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
@@ -39,7 +42,8 @@ class SelfAttention(nnx.Module):
     init = nnx.initializers.normal(init_std)
     out_init = nnx.initializers.normal(out_init_std or init_std)
     zeros = nnx.initializers.zeros_init()
-    self.qkv = nnx.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, use_bias=use_bias,
+    qkv_bias = use_bias if qkv_bias is None else qkv_bias
+    self.qkv = nnx.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, use_bias=qkv_bias,
                           kernel_init=with_axes(init, EMBED, HEADS),
                           bias_init=with_axes(zeros, HEADS), rngs=rngs)
     self.out = nnx.Linear(d_model, d_model, use_bias=use_bias,
@@ -48,6 +52,7 @@ class SelfAttention(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.attention_impl = attention_impl
     self.rope_theta = rope_theta
+    self.rope_scaling = rope_scaling
     self.logits_soft_cap = logits_soft_cap
 
   def _project(self, x, batch: int, positions):
@@ -59,8 +64,8 @@ class SelfAttention(nnx.Module):
     if self.rope_theta is not None:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-      q = apply_rope(q, positions, theta=self.rope_theta)
-      k = apply_rope(k, positions, theta=self.rope_theta)
+      q = apply_rope(q, positions, theta=self.rope_theta, scaling=self.rope_scaling)
+      k = apply_rope(k, positions, theta=self.rope_theta, scaling=self.rope_scaling)
     return q, k, v
 
   def __call__(self, x, *, batch: int, is_causal: bool = True, segment_ids=None, positions=None,

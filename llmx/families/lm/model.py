@@ -47,6 +47,8 @@ class GPTConfig:
   n_kv_head: int | None = None  # None: n_head (multi-head); fewer: grouped-query attention
   positions: str = "learned"  # "learned" table (GPT-2) or "rope" (rotary, no table)
   rope_theta: float = 10000.0
+  rope_scaling: tuple | None = None  # ((key, value), ...) as a HF rope_scaling (llmx.nn.rope)
+  qkv_bias: bool | None = None  # biases on q, k, v alone (Qwen2); None: as `bias`
   norm: str = "layernorm"  # or "rmsnorm"
   mlp: str = "gelu"  # or "swiglu"
   mlp_hidden: int | None = None  # None: 4 * d_model (gelu), 8/3 * d_model rounded up to 64 (swiglu)
@@ -54,6 +56,8 @@ class GPTConfig:
   attn_logits_soft_cap: float | None = None  # the same on the attention logits
 
   def __post_init__(self):
+    if self.rope_scaling is not None:  # from JSON (a checkpoint's meta) it comes back as lists
+      object.__setattr__(self, "rope_scaling", tuple(tuple(p) for p in self.rope_scaling))
     if self.d_model % self.n_head:
       raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
     if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
@@ -107,6 +111,7 @@ class Block(nnx.Module):
                               dropout=c.dropout, out_init_std=out_std,
                               attention_impl=c.attention_impl,
                               rope_theta=c.rope_theta if c.positions == "rope" else None,
+                              rope_scaling=c.rope_scaling, qkv_bias=c.qkv_bias,
                               logits_soft_cap=c.attn_logits_soft_cap, rngs=rngs)
     self.ln_2 = make_norm(c)
     if c.mlp == "swiglu":
