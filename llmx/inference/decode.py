@@ -28,7 +28,7 @@ from flax import nnx
 from llmx.inference.beam import beam_loop
 from llmx.inference.prompts import DecodingError, pad_prompts, pad_sources, prompt_list
 from llmx.inference.protocol import Cached, Uncached
-from llmx.inference.sampling import sample_loop
+from llmx.inference.sampling import STREAM, sample_loop
 
 # The value of each sampling option that asks for no sampling (None means it too): greedy.
 SAMPLING_OFF = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
@@ -99,7 +99,7 @@ def decode(model: nnx.Module, prompts, *, inputs: tuple = (), max_new_tokens: in
            top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
            repetition_penalty: float | None = None, stop_tokens=(), beam_size: int = 1,
            length_penalty: float = 0.6, early_stopping: bool = False, seed: int = 0,
-           use_cache: bool = True) -> Decoded:
+           use_cache: bool = True, on_token=None, pad_to: int = 1) -> Decoded:
   """Continues each prompt (int arrays of any lengths up to the model's max_decode_len).
 
   inputs: what conditions the text, as the model's init_cache takes it (encoder-decoder: the
@@ -110,12 +110,22 @@ def decode(model: nnx.Module, prompts, *, inputs: tuple = (), max_new_tokens: in
   (0/None: off), top_p (1/None: off), min_p (0/None: off), seed; repetition_penalty (1/None:
   off) applies to both. beam_size > 1 searches (beam.py): length_penalty (GNMT alpha),
   early_stopping; the sampling options (repetition_penalty too) must stay off.
+  on_token(tokens int [rows], active bool [rows]): called on the host with each step's tokens as
+  the loop chooses them (streaming; sampling and greedy only). pad_to: the prompts' padded width
+  is rounded up to a multiple of this, so that prompts of similar lengths (a chat's turns) share
+  one compiled program.
   """
   check_options(max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature,
                 top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                 beam_size=beam_size, length_penalty=length_penalty)
   context = model.max_decode_len
   batch, lengths = pad_prompts(prompts, context)
+  if pad_to > 1:
+    width = min(context, -(-batch.shape[1] // pad_to) * pad_to)
+    batch = np.pad(batch, ((0, 0), (0, width - batch.shape[1])))
+  if on_token is not None and beam_size > 1:
+    raise DecodingError("on_token: streaming needs beam_size 1 (beam search settles its tokens "
+                        "only at the end)")
   inputs = tuple(jnp.asarray(x) for x in inputs)
   for x in inputs:
     if len(batch) % x.shape[0]:
@@ -130,11 +140,15 @@ def decode(model: nnx.Module, prompts, *, inputs: tuple = (), max_new_tokens: in
   graphdef, state = nnx.split(model)
   if beam_size == 1:
     static.update(greedy=not temperature, top_k=top_k or None,
-                  top_p_on=top_p is not None and top_p < 1)
+                  top_p_on=top_p is not None and top_p < 1, stream=on_token is not None)
     args = (state, batch, lengths, limits.astype(np.int32), inputs, jax.random.key(seed),
             np.float32(temperature or 1.0), np.float32(top_p or 1.0), np.float32(min_p or 0.0),
             np.float32(repetition_penalty or 1.0))
-    (tokens, out_len, scores), compile_s, run_s = _run(_sample_program, graphdef, args, static)
+    STREAM.sink = on_token
+    try:
+      (tokens, out_len, scores), compile_s, run_s = _run(_sample_program, graphdef, args, static)
+    finally:
+      STREAM.sink = None
     return Decoded(tokens=[tokens[i, :out_len[i]] for i in range(len(out_len))],
                    prompt_lengths=lengths, scores=scores, beams=None, beam_scores=None,
                    new_tokens=int((out_len - lengths).sum()), compile_s=compile_s, run_s=run_s)

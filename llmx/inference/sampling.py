@@ -12,6 +12,7 @@ length limit; the loop ends when every row has.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def penalize_repeats(logits, seen, penalty):
@@ -57,9 +58,25 @@ def sample_logits(key, logits, *, temperature, top_k: int | None = None, top_p=N
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+class Stream:
+  """Where a streaming decode sends each step's tokens as they are chosen: the compiled loop calls
+  `emit` (a jax.debug.callback, ordered), which hands the host `sink(tokens int [n], active bool
+  [n])`. One program serves every sink: the sink is set on this object around a run, not traced."""
+
+  def __init__(self):
+    self.sink = None
+
+  def emit(self, tokens, active):
+    if self.sink is not None:
+      self.sink(np.asarray(tokens), np.asarray(active))
+
+
+STREAM = Stream()
+
+
 def sample_loop(stepper, prompts, lengths, limits, key, temperature, top_p, min_p, penalty, *,
                 max_new: int, greedy: bool, top_k: int | None, top_p_on: bool,
-                stop_tokens: tuple):
+                stop_tokens: tuple, stream: bool = False):
   """prompts int [n, P] right-padded, lengths / limits int [n] (a row's prompt length and its
   most tokens in all), key, and the traced float32 temperature, top_p, min_p (0: off) and
   repetition penalty (1: off) -> (tokens int32 [n, P + max_new], lengths [n], scores [n]: the
@@ -79,6 +96,8 @@ def sample_loop(stepper, prompts, lengths, limits, key, temperature, top_p, min_
     token = sample_logits(sub, penalize_repeats(logits, seen, penalty), temperature=temperature,
                           top_k=top_k, top_p=top_p if top_p_on else None, min_p=min_p,
                           greedy=greedy)
+    if stream:  # the host sees each token as soon as it is chosen (chat streams them)
+      jax.debug.callback(STREAM.emit, token, ~done, ordered=True)
     scores = scores + jnp.where(done, 0.0, jax.nn.log_softmax(logits, axis=-1)[rows, token])
     slot = jnp.minimum(lengths, width - 1)
     tokens = tokens.at[rows, slot].set(jnp.where(done, tokens[rows, slot], token))

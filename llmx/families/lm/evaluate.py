@@ -45,11 +45,11 @@ def total_nats(model, tokens: np.ndarray, block_size: int, batch_size: int) -> t
   return total, int((targets >= 0).sum())
 
 
-def perplexity(model, tokenizer, text: str, *, batch_size: int) -> dict:
+def perplexity(model, tokenizer, text: str, *, batch_size: int, window: int | None = None) -> dict:
   """-> {characters, tokens, block_size, loss (nats/token), perplexity, bits_per_token,
-  bits_per_char} of `model` on `text`."""
+  bits_per_char} of `model` on `text`, in windows of `window` tokens (None: the model's context)."""
   tokens = tokenizer.encode(text)
-  block_size = model.config.block_size
+  block_size = min(window or model.config.block_size, model.config.block_size)
   nats, predicted = total_nats(model, tokens, block_size, batch_size)
   per_token = nats / predicted
   return dict(characters=len(text), tokens=len(tokens), block_size=block_size, loss=per_token,

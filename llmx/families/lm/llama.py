@@ -6,9 +6,10 @@ The decoder LM with positions="rope", norm="rmsnorm", mlp="swiglu", no biases (Q
 biases) is a Llama. Two layout facts make the tables below:
 - torch.nn.Linear stores [out, in]; nnx kernels are [in, out]. q, k, v are fused into one qkv
   kernel [d_model, (n_head + 2 n_kv) * head_dim] and gate, up into one gate_up kernel.
-- llama.cpp's converter permutes the rows of q and k within each head so that RoPE rotates
-  adjacent pairs: GGUF row h*hd + 2j + a holds HF row h*hd + a*hd/2 + j. `_unpermute` undoes it,
-  so both formats run the same "rotate half" RoPE (../shared/reference/smollm2.md).
+- llama.cpp's converter permutes the rows of q and k within each head (`llama` architecture;
+  `qwen2` keeps Hugging Face's order) so that RoPE rotates adjacent pairs: GGUF row
+  h*hd + 2j + a holds HF row h*hd + a*hd/2 + j. `_unpermute` undoes it, so both formats run the
+  same "rotate half" RoPE (../shared/reference/smollm2.md).
 """
 import pathlib
 
@@ -36,6 +37,9 @@ def config_from_hf(d: dict, *, source="config.json", **overrides) -> GPTConfig:
   if arch not in ARCHITECTURES:
     raise CheckpointFormatError(f"{source}: architectures={d.get('architectures')!r}: supported "
                                 f"are {', '.join(ARCHITECTURES)}")
+  arch = ARCHITECTURES[arch]  # "llama", "mistral" or "qwen2": the checks below use the model type
+  # transformers >= 5 writes rope_theta and the scaling inside one rope_parameters dict.
+  rope = d.get("rope_parameters") or {}
   try:
     d_model, n_head = d["hidden_size"], d["num_attention_heads"]
     head_dim = d.get("head_dim") or d_model // n_head
@@ -54,10 +58,11 @@ def config_from_hf(d: dict, *, source="config.json", **overrides) -> GPTConfig:
         n_layer=d["num_hidden_layers"], n_head=n_head, d_model=d_model,
         n_kv_head=d.get("num_key_value_heads") or n_head, mlp_hidden=d["intermediate_size"],
         dropout=0.0, bias=False, qkv_bias=arch == "qwen2", positions="rope",
-        rope_theta=float(d.get("rope_theta", 10000.0)), norm="rmsnorm", mlp="swiglu",
-        layer_norm_epsilon=float(d.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(d.get("tie_word_embeddings", arch != "mistral")),
-        rope_scaling=_rope_scaling(d.get("rope_scaling"), source))
+        rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))), norm="rmsnorm",
+        mlp="swiglu", layer_norm_epsilon=float(d.get("rms_norm_eps", 1e-6)),
+        # transformers' LlamaConfig, MistralConfig and Qwen2Config all default to an untied head.
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        rope_scaling=_rope_scaling(d.get("rope_scaling") or rope, source))
   except KeyError as e:
     raise CheckpointFormatError(f"{source}: missing field {e.args[0]!r}") from None
   fields.update(overrides)
@@ -74,6 +79,10 @@ def _rope_scaling(s: dict | None, source) -> tuple | None:
     raise CheckpointFormatError(f"{source}: rope_scaling type {kind!r} is not supported; supported: "
                                 f"{', '.join(ROPE_SCALINGS)}")
   keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+  needed = keys if kind == "llama3" else keys[:1]
+  if any(k not in s for k in needed):
+    raise CheckpointFormatError(f"{source}: rope_scaling of type {kind!r} needs {', '.join(needed)}; "
+                                f"got {s}")
   return (("rope_type", kind),) + tuple((k, s[k]) for k in keys if k in s)
 
 
@@ -147,11 +156,14 @@ def _permute(w, heads: int):
   return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_qkv(c: GPTConfig, *, bias: bool) -> Transform:
-  """q, k, v as stored in GGUF ([out, in], q and k rows permuted) <-> the fused qkv variable."""
+def _gguf_qkv(c: GPTConfig, *, bias: bool, permuted: bool = True) -> Transform:
+  """q, k, v as stored in GGUF ([out, in], q and k rows permuted unless not `permuted`) <-> the
+  fused qkv variable."""
   _, q, kv = _sizes(c)
   n_kv = c.n_kv_head or c.n_head
   flip = (lambda x: x) if bias else (lambda x: x.T)
+  if not permuted:
+    return concat((q, kv, kv), transpose=not bias)
   to_model = lambda wq, wk, wv: jnp.concatenate(
       [flip(_unpermute(wq, c.n_head)), flip(_unpermute(wk, n_kv)), flip(wv)], axis=-1)
 
@@ -161,8 +173,11 @@ def _gguf_qkv(c: GPTConfig, *, bias: bool) -> Transform:
   return Transform(to_model, to_hf)
 
 
-def gguf_entries(c: GPTConfig) -> list[Entry]:
-  """The name map of a llama.cpp GGUF (`llama` or `qwen2` architecture) with config c."""
+def gguf_entries(c: GPTConfig, arch: str = "llama") -> list[Entry]:
+  """The name map of a llama.cpp GGUF (`llama` or `qwen2` architecture) with config c. Only
+  `llama` permutes q/k rows: llama.cpp runs `qwen2` with NeoX ("rotate half") RoPE, so its
+  converter stores Qwen2's q and k as Hugging Face does."""
+  permuted = arch == "llama"
   table = [Entry("token_embd.weight", ("wte", "embedding")),
            Entry("output_norm.weight", ("ln_f", "scale"))]
   for i in range(c.n_layer):
@@ -171,14 +186,14 @@ def gguf_entries(c: GPTConfig) -> list[Entry]:
         Entry(h + "attn_norm.weight", b + ("ln_1", "scale")),
         Entry(h + "ffn_norm.weight", b + ("ln_2", "scale")),
         Entry([h + f"attn_{p}.weight" for p in "qkv"], b + ("attn", "qkv", "kernel"),
-              _gguf_qkv(c, bias=False)),
+              _gguf_qkv(c, bias=False, permuted=permuted)),
         Entry(h + "attn_output.weight", b + ("attn", "out", "kernel"), TRANSPOSE),
         Entry([h + "ffn_gate.weight", h + "ffn_up.weight"], b + ("mlp", "gate_up", "kernel"),
               concat(2, transpose=True)),
         Entry(h + "ffn_down.weight", b + ("mlp", "down", "kernel"), TRANSPOSE)]
     if c.qkv_bias:
       table.append(Entry([h + f"attn_{p}.bias" for p in "qkv"], b + ("attn", "qkv", "bias"),
-                         _gguf_qkv(c, bias=True)))
+                         _gguf_qkv(c, bias=True, permuted=permuted)))
   if not c.tie_embeddings:
     table.append(Entry("output.weight", ("lm_head", "kernel"), TRANSPOSE))
   return table
@@ -238,7 +253,7 @@ def from_folder(path, *, seed: int = 0, **overrides) -> GPT:
 def from_gguf(f: GGUFFile, *, seed: int = 0, **overrides) -> GPT:
   """A llama.cpp GGUF file -> GPT in eval mode, its tensors dequantized to float32."""
   config = config_from_gguf(f, **overrides)
-  table = gguf_entries(config)
+  table = gguf_entries(config, f.architecture)
   shapes = {name: f.shape(name) for name in f.tensor_names}
   abstract = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(seed)))
   problems = _shape_problems(abstract, table, shapes)
