@@ -29,7 +29,7 @@ class LoRALinear(nnx.Module):
     self.scale = alpha / rank
     # A as in the paper's reference code (Kaiming-uniform), B zero.
     init_a = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-    dtype = base.kernel.value.dtype
+    dtype = jnp.float32  # adapters train in float32 even over a bfloat16 base
     self.lora_a = nnx.List([nnx.LoRAParam(init_a(rngs.params(), (base.in_features, rank), dtype))
                             for _ in self.segments])
     self.lora_b = nnx.List([nnx.LoRAParam(jnp.zeros((rank, end - start), dtype))

@@ -42,6 +42,7 @@ class LoopOptions:
   tokens_per_step: int = 0      # for tokens/s
   flops_per_step: float = 0.0   # analytic model FLOPs of one step, for MFU
   peak_flops: float = 0.0       # the devices' total peak FLOP/s; 0: looked up (metrics.peak_flops)
+  eval_at_start: bool = False   # a fresh run also evaluates before its first step (logged as step 0)
 
 
 @dataclasses.dataclass
@@ -133,13 +134,19 @@ def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches
 
   data_iter = iter(train_batches)
   start_step = 0
+  checkpointed = lambda tree: {k: v for k, v in tree.items() if k not in trainable.unsaved}
   try:
-    restored = ckpt.restore(sharding_lib.with_shardings(abstract_state, state_sharding), data_iter)
+    restored = ckpt.restore(sharding_lib.with_shardings(checkpointed(abstract_state),
+                                                        checkpointed(state_sharding)),
+                            data_iter)
   except BaseException:
     ckpt.close()
     raise
   if restored is not None:
     start_step, state, _ = restored
+    if trainable.unsaved:  # e.g. frozen base weights: rebuilt, never saved
+      fresh = jax.jit(trainable.init, out_shardings=state_sharding)()
+      state = dict(state, **{k: fresh[k] for k in trainable.unsaved})
     log.info("resumed from %s at step %d", ckpt.directory, start_step)
   else:
     state = jax.jit(trainable.init, out_shardings=state_sharding)()
@@ -183,9 +190,14 @@ def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches
 
   def save(step, logged):
     check_finite()
-    ckpt.save(step, state, meta, data_iter, metrics=logged)
+    ckpt.save(step, checkpointed(state), meta, data_iter, metrics=logged)
 
   step, preempted = start_step, False
+  if options.eval_at_start and start_step == 0:
+    before = evaluate(0)
+    writer.write(0, before)
+    history.append({"step": 0, **before})
+    log.info("step 0 (before training) | %s", " | ".join(f"{k} {_fmt(v)}" for k, v in before.items()))
   interval_start, interval_steps = time.perf_counter(), 0
   with _Preemption() as preemption:
     try:

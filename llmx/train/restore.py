@@ -27,7 +27,11 @@ def for_inference(workdir: str, trainable_from_meta: Callable[[dict], Trainable]
     if meta is None:
       raise ConfigError(f"--workdir={workdir!r}: no checkpoint under {ckpt.directory}")
     trainable = trainable_from_meta(meta)
-    step, state, _ = ckpt.restore(jax.eval_shape(trainable.init))
+    abstract = jax.eval_shape(trainable.init)
+    step, state, _ = ckpt.restore({k: v for k, v in abstract.items() if k not in trainable.unsaved})
+    if trainable.unsaved:  # rebuilt from the base checkpoint, not saved with the run
+      fresh = trainable.init()
+      state = dict(state, **{k: fresh[k] for k in trainable.unsaved})
   finally:
     ckpt.close()
   return trainable.model_of(state), meta, step

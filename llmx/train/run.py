@@ -11,7 +11,8 @@ def loop_options(t: ml_collections.ConfigDict, **extra) -> loop.LoopOptions:
   return loop.LoopOptions(
       steps=t.steps, eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
       log_every=t.log_every, max_to_keep=t.max_checkpoints,
-      best_metric=t.get("keep_best_metric", ""), **extra)
+      best_metric=t.get("keep_best_metric", ""), eval_at_start=t.get("eval_at_start", False),
+      **extra)
 
 
 def train(recipe: Recipe, config: ml_collections.ConfigDict, workdir: str) -> loop.TrainResult:

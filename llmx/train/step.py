@@ -23,6 +23,9 @@ class Trainable:
   train_step: Callable[[dict, Any], tuple]      # (state, batch) -> (state like init's, {name: scalar})
   eval_step: Callable[[dict, Any], dict]        # (state, batch) -> {name: scalar}
   model_of: Callable[[dict], nnx.Module]        # state -> the model in eval mode
+  # Top-level state keys that init() rebuilds and checkpoints leave out (the frozen base weights
+  # of a LoRA run: restored from the base checkpoint, not from every save).
+  unsaved: tuple[str, ...] = ()
 
 
 def _split_aux(out):
@@ -64,9 +67,11 @@ def microbatches(batch, k: int):
 
 
 def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientTransformation,
-               loss_fn: LossFn, *, grad_accum_steps: int = 1, compute_dtype=None) -> Trainable:
+               loss_fn: LossFn, *, grad_accum_steps: int = 1, compute_dtype=None,
+               wrt=nnx.Param) -> Trainable:
   """One model, one optimizer, gradient descent on `loss_fn`. State = {params, rest (RNG streams
-  and other non-parameter variables), opt_state, step, nonfinite_step}.
+  and other non-parameter variables), opt_state, step, nonfinite_step}, plus `frozen` (the other
+  nnx.Params, not trained nor checkpointed) when `wrt` trains only some of the parameters.
 
   model: the model, or a function that builds it. With a function, `init` builds the model, so
     the loop's `jax.jit(init, out_shardings=...)` creates every parameter directly in its shards
@@ -75,6 +80,7 @@ def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientT
     (`lax.scan`, one optimizer update), for batches larger than memory allows.
   compute_dtype: e.g. jnp.bfloat16: the forward and backward passes run on a copy of the params
     in this dtype; the params, their gradients and the optimizer state stay float32.
+  wrt: the variables trained (an nnx filter): nnx.Param, or nnx.LoRAParam for LoRA adapters alone.
   """
   if grad_accum_steps < 1:
     raise ValueError(f"grad_accum_steps={grad_accum_steps}: must be >= 1")
@@ -83,38 +89,49 @@ def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientT
   # The train step runs the model in training mode (dropout on) whatever mode it was handed in
   # (a pretrained model loads in eval mode); eval_step and model_of run it in eval mode.
   template.train()
-  graphdef, params, rest = nnx.split(template, nnx.Param, ...)
+  filters = (wrt, ...) if wrt is nnx.Param else (wrt, nnx.Param, ...)
+  graphdef, *template_states = nnx.split(template, *filters)
   template.eval()
-  eval_graphdef = nnx.split(template)[0]
+  eval_graphdef = nnx.split(template, *filters)[0]
   template.train()
+  has_frozen = wrt is not nnx.Param
 
   def init():
-    p, r = params, rest
+    states = template_states
     if build is not None:
-      _, p, r = nnx.split(build(), nnx.Param, ...)
-    return dict(params=p, rest=r, opt_state=tx.init(p),
-                step=jnp.zeros((), jnp.int32), nonfinite_step=jnp.full((), -1, jnp.int32))
+      states = nnx.split(build(), *filters)[1:]
+    p, r = states[0], states[-1]
+    state = dict(params=p, rest=r, opt_state=tx.init(p),
+                 step=jnp.zeros((), jnp.int32), nonfinite_step=jnp.full((), -1, jnp.int32))
+    if has_frozen:
+      state["frozen"] = states[1]
+    return state
 
-  def loss_and_grads(params, rest, batch):
+  def merge(graphdef, params, state, **kw):
+    """The model from (cast) params and the state's frozen and other variables."""
+    frozen = (cast_floats(state["frozen"], compute_dtype),) if has_frozen else ()
+    return nnx.merge(graphdef, cast_floats(params, compute_dtype), *frozen, state["rest"], **kw)
+
+  def loss_and_grads(params, frozen, rest, batch):
     def loss_of(params):
       # copy=True: fresh Variables at this trace level, so dropout may advance its RNG counters.
-      model = nnx.merge(graphdef, cast_floats(params, compute_dtype), rest, copy=True)
+      model = merge(graphdef, params, dict(frozen=frozen, rest=rest), copy=True)
       loss, aux = _split_aux(loss_fn(compute_in(model, compute_dtype), batch))
       return loss.astype(jnp.float32), (aux, nnx.state(model, nnx.Not(nnx.Param)))  # the advanced counters
 
     (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     return loss, aux, rest, grads
 
-  def accumulated(params, rest, batch):
+  def accumulated(params, frozen, rest, batch):
     """The mean loss, metrics and gradients of `grad_accum_steps` micro-batches."""
     micro = microbatches(batch, grad_accum_steps)
     first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(loss_and_grads, params, rest, first)
+    shapes = jax.eval_shape(loss_and_grads, params, frozen, rest, first)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1], shapes[3]))
 
     def body(carry, mb):
       loss_sum, aux_sum, grads_sum, rest = carry
-      loss, aux, rest, grads = loss_and_grads(params, rest, mb)
+      loss, aux, rest, grads = loss_and_grads(params, frozen, rest, mb)
       add = lambda a, b: jax.tree.map(jnp.add, a, b)
       return (loss_sum + loss, add(aux_sum, aux), add(grads_sum, grads), rest), None
 
@@ -123,22 +140,22 @@ def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientT
     return mean(loss), mean(aux), rest, mean(grads)
 
   def train_step(state, batch):
-    if grad_accum_steps == 1:
-      loss, aux, rest, grads = loss_and_grads(state["params"], state["rest"], batch)
-    else:
-      loss, aux, rest, grads = accumulated(state["params"], state["rest"], batch)
+    step_fn = loss_and_grads if grad_accum_steps == 1 else accumulated
+    loss, aux, rest, grads = step_fn(state["params"], state.get("frozen"), state["rest"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = dict(params=optax.apply_updates(state["params"], updates), rest=rest,
+    new_state = dict(state, params=optax.apply_updates(state["params"], updates), rest=rest,
                      opt_state=opt_state, step=state["step"] + 1,
                      nonfinite_step=track_nonfinite(state, loss))
     return new_state, dict(train_loss=loss, grad_norm=optax.tree.norm(grads), **aux)
 
   def eval_step(state, batch):
-    model = nnx.merge(eval_graphdef, cast_floats(state["params"], compute_dtype), state["rest"])
+    model = merge(eval_graphdef, state["params"], state)
     loss, aux = _split_aux(loss_fn(compute_in(model, compute_dtype), batch))
     return dict(loss=loss.astype(jnp.float32), **aux)
 
   def model_of(state):
-    return nnx.merge(eval_graphdef, state["params"], state["rest"])
+    frozen = (state["frozen"],) if has_frozen else ()
+    return nnx.merge(eval_graphdef, state["params"], *frozen, state["rest"])
 
-  return Trainable(init=init, train_step=train_step, eval_step=eval_step, model_of=model_of)
+  return Trainable(init=init, train_step=train_step, eval_step=eval_step, model_of=model_of,
+                   unsaved=("frozen",) if has_frozen else ())

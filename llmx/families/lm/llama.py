@@ -240,8 +240,8 @@ def from_folder(path, *, seed: int = 0, **overrides) -> GPT:
   infos = {k: v for k, v in hf.read_headers(folder).items() if not k.endswith("rotary_emb.inv_freq")}
   if config.tie_embeddings:
     infos.pop("lm_head.weight", None)
-  model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(seed)))
-  problems = _shape_problems(model, hf_entries(config), {k: v.shape for k, v in infos.items()})
+  problems = _shape_problems(lambda: nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(seed))),
+                             hf_entries(config), {k: v.shape for k, v in infos.items()})
   if problems:
     raise CheckpointFormatError(f"{folder} does not match its config.json: {problems}")
   model = GPT(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
@@ -255,8 +255,8 @@ def from_gguf(f: GGUFFile, *, seed: int = 0, **overrides) -> GPT:
   config = config_from_gguf(f, **overrides)
   table = gguf_entries(config, f.architecture)
   shapes = {name: f.shape(name) for name in f.tensor_names}
-  abstract = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(seed)))
-  problems = _shape_problems(abstract, table, shapes)
+  problems = _shape_problems(lambda: nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(seed))),
+                             table, shapes)
   if problems:
     raise CheckpointFormatError(f"{f.path} does not match its own metadata: {problems}")
   model = GPT(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
@@ -267,13 +267,16 @@ def from_gguf(f: GGUFFile, *, seed: int = 0, **overrides) -> GPT:
   return model
 
 
-def _shape_problems(model, table, shapes: dict) -> str:
-  """Missing, unexpected and mis-shaped tensors, from shapes alone ("" when all fit)."""
+def _shape_problems(abstract_model, table, shapes: dict) -> str:
+  """Missing, unexpected and mis-shaped tensors, from shapes alone ("" when all fit).
+  abstract_model: makes the model with jax.eval_shape, only once every name is present (tracing
+  the model takes seconds when a config.json claims hundreds of layers that the files lack)."""
   from llmx.formats.name_map import expected_shapes
   used = [n for e in table for n in e.hf]
   missing = [n for n in used if n not in shapes]
   unexpected = sorted(set(shapes) - set(used))
-  wrong = [f"{n}: {shapes[n]}, expected {want}" for e in table if all(n in shapes for n in e.hf)
+  model = None if missing or unexpected else abstract_model()
+  wrong = [] if model is None else [f"{n}: {shapes[n]}, expected {want}" for e in table if all(n in shapes for n in e.hf)
            for n, want in zip(e.hf, expected_shapes(model, e)) if tuple(shapes[n]) != tuple(want)]
   parts = [f"{kind} ({len(v)}): {', '.join(v[:8])}{', ...' if len(v) > 8 else ''}"
            for kind, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)) if v]
