@@ -52,15 +52,18 @@ def load(path, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
   p = resolve(path)
   if p.is_file() and p.suffix == ".gguf":
     f = GGUFFile(p)
-    model, tokenizer = llama.from_gguf(f, **overrides), PretrainedTokenizer.from_gguf(f)
+    # Metadata and tokenizer first: a file llmx cannot use fails before a tensor is dequantized.
+    llama.config_from_gguf(f, **overrides)
+    tokenizer = PretrainedTokenizer.from_gguf(f)
+    model = llama.from_gguf(f, **overrides)
   elif p.is_dir():
     config = hf.read_config(p)
     arch = (config.get("architectures") or ["?"])[0]
+    tokenizer = PretrainedTokenizer.from_folder(p, eos_token_ids=_generation_eos(p))
     if arch == "GPT2LMHeadModel" or config.get("model_type") == "gpt2":
       model = gpt2_hf.from_pretrained(p, **overrides)
     else:
       model = llama.from_folder(p, **overrides)
-    tokenizer = PretrainedTokenizer.from_folder(p, eos_token_ids=_generation_eos(p))
   else:
     raise CheckpointFormatError(f"{path}: neither a .gguf file nor a Hugging Face folder")
   if tokenizer.vocab_size > model.config.vocab_size:

@@ -102,3 +102,49 @@ def test_bad_lora_targets_and_data_are_one_line_errors(base):
   c.data.held_out = 1000
   with pytest.raises(ConfigError, match=r"^data\.held_out=1000: the data has only 48"):
     sft.conversations(c)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_adapters(base, tmp_path):
+  """The CLI killed after step 18 (checkpoints every 5, saved asynchronously) resumes from its
+  newest finished checkpoint and ends with the adapters of a run that was never interrupted, bit
+  for bit; the frozen base is read again from the base checkpoint, not from the run's."""
+  import re
+  import signal
+  import subprocess
+  import sys
+
+  from tests.conftest import REPO
+  from tests.test_reliability import run_until_step
+  folder, data = base
+
+  def command(workdir):
+    return [sys.executable, "-m", "experiments.finetune_lm", "--config=experiments/configs/sft.py",
+            f"--workdir={workdir}", f"--config.model.checkpoint={folder}",
+            f"--config.data.path={data}", "--config.data.held_out=8", "--config.data.seq_len=64",
+            "--config.data.max_turns=0", "--config.train.steps=20", "--config.train.batch_size=4",
+            "--config.train.log_every=1", "--config.train.checkpoint_every=5",
+            "--config.train.eval_every=0", "--config.train.eval_at_start=false",
+            "--config.train.lora.rank=4", "--config.eval.samples=0", "--config.eval.batch_size=4"]
+
+  env = {**__import__("os").environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+  proc, out = run_until_step(command(tmp_path / "killed"), env, 18,
+                             lambda p: p.send_signal(signal.SIGKILL))
+  assert proc.returncode == -signal.SIGKILL, out[-2000:]
+  for workdir in ("killed", "uninterrupted"):
+    done = subprocess.run(command(tmp_path / workdir), cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    if workdir == "killed":
+      resumed = re.search(r"resumed from .* at step (\d+)", done.stdout)
+      assert resumed and int(resumed.group(1)) in (5, 10, 15), done.stdout[-2000:]
+
+  def adapters(workdir):
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    meta = ckpt.latest_meta()
+    ckpt.close()
+    assert meta["trained_params"] < meta["total_params"]
+    exported, _ = pretrained.load(workdir / "export")
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(exported, nnx.Param))]
+
+  for a, b in zip(adapters(tmp_path / "killed"), adapters(tmp_path / "uninterrupted")):
+    np.testing.assert_array_equal(a, b)

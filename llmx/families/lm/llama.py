@@ -81,8 +81,8 @@ def _rope_scaling(s: dict | None, source) -> tuple | None:
   keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
   needed = keys if kind == "llama3" else keys[:1]
   if any(k not in s for k in needed):
-    raise CheckpointFormatError(f"{source}: rope_scaling of type {kind!r} needs {', '.join(needed)}; "
-                                f"got {s}")
+    raise CheckpointFormatError(f"{source}: rope_scaling of type {kind!r} needs "
+                                f"{', '.join(needed)}; got {s}")
   return (("rope_type", kind),) + tuple((k, s[k]) for k in keys if k in s)
 
 
@@ -276,8 +276,9 @@ def _shape_problems(abstract_model, table, shapes: dict) -> str:
   missing = [n for n in used if n not in shapes]
   unexpected = sorted(set(shapes) - set(used))
   model = None if missing or unexpected else abstract_model()
-  wrong = [] if model is None else [f"{n}: {shapes[n]}, expected {want}" for e in table if all(n in shapes for n in e.hf)
-           for n, want in zip(e.hf, expected_shapes(model, e)) if tuple(shapes[n]) != tuple(want)]
+  wrong = [] if model is None else [
+      f"{n}: {shapes[n]}, expected {want}" for e in table
+      for n, want in zip(e.hf, expected_shapes(model, e)) if tuple(shapes[n]) != tuple(want)]
   parts = [f"{kind} ({len(v)}): {', '.join(v[:8])}{', ...' if len(v) > 8 else ''}"
            for kind, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)) if v]
   return "; ".join(parts)
