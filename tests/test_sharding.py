@@ -106,10 +106,11 @@ def test_mesh_config_errors_name_the_fields(sizes, message):
 
 
 def test_mesh_shape_resolves_the_rest_and_batch_checks():
-  assert mesh_shape(2, -1, 2, num_devices=8) == (2, 2, 2)
-  assert mesh_shape(-1, 1, 1, num_devices=8) == (8, 1, 1)
+  assert mesh_shape(2, -1, 2, num_devices=8) == (2, 2, 1, 1, 2)
+  assert mesh_shape(1, 1, 1, expert=2, context=-1, num_devices=8) == (1, 1, 2, 4, 1)
+  assert mesh_shape(-1, 1, 1, num_devices=8) == (8, 1, 1, 1, 1)
   mesh = make_mesh()
-  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1}
   assert data_shard(mesh, 12) == (0, 1)
   batch = np.arange(12 * 5).reshape(12, 5)
   np.testing.assert_array_equal(process_rows(batch, mesh), batch)

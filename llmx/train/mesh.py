@@ -1,8 +1,11 @@
 """The device mesh every experiment uses, and batch placement on it.
 
-One mesh config for all experiments, `config.mesh` = {data, fsdp, tensor} (one size may be -1 for
-"the rest"), over all global devices (every process's). Batches are split along their first
-dimension over data x fsdp; parameters are placed by llmx/train/sharding.py's rules.
+One mesh config for all experiments, `config.mesh` = {data, fsdp, expert, context, tensor} (one
+size may be -1 for "the rest"; expert and context default to 1), over all global devices (every
+process's). Batches are split along their first dimension over data x fsdp x expert (the expert
+axis is data-parallel outside the MoE layers); `context` splits the sequence dimension of the
+activations (context parallelism, ring attention); parameters are placed by
+llmx/train/sharding.py's rules.
 """
 import jax
 import numpy as np
@@ -10,14 +13,17 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmx.train.config_check import ConfigError
 
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+AXES = ("data", "fsdp", "expert", "context", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the batch dimension is split over all three
 
 
-def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, *, num_devices: int) -> tuple:
-  """(data, fsdp, tensor) with the -1 resolved; errors name the `mesh.*` fields."""
-  sizes = [data, fsdp, tensor]
-  named = ", ".join(f"mesh.{a}={s}" for a, s in zip(AXES, sizes))
+def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, *, expert: int = 1,
+               context: int = 1, num_devices: int) -> tuple:
+  """(data, fsdp, expert, context, tensor) with the -1 resolved; errors name the `mesh.*`
+  fields."""
+  sizes = [data, fsdp, expert, context, tensor]
+  named = ", ".join(f"mesh.{a}={s}" for a, s in zip(AXES, sizes)
+                    if a in ("data", "fsdp", "tensor") or s != 1)
   if any(not isinstance(s, int) or s == 0 or s < -1 for s in sizes):
     raise ConfigError(f"{named}: each size must be a positive integer or -1 (the rest)")
   if sizes.count(-1) > 1:
@@ -34,25 +40,29 @@ def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, *, num_devices: i
   return tuple(sizes)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all global devices).
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, expert: int = 1,
+              context: int = 1) -> jax.sharding.Mesh:
+  """A (data, fsdp, expert, context, tensor) mesh over `devices` (default: all global devices).
 
   jax.make_mesh orders devices for the interconnect (TPU torus, NVLink islands); the axes are
   Auto, so jit's sharding propagation places the activations from the parameters and batches.
   """
   devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(data, fsdp, tensor, num_devices=len(devices))
+  shape = mesh_shape(data, fsdp, tensor, expert=expert, context=context,
+                     num_devices=len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(AXES)
   return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
 
 
 def mesh_from_config(mesh_config, devices=None) -> jax.sharding.Mesh:
-  """`config.mesh` (data, fsdp, tensor) -> the mesh."""
-  return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices=devices)
+  """`config.mesh` (data, fsdp, tensor; expert and context when the config has them) -> the mesh."""
+  return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices=devices,
+                   expert=mesh_config.get("expert", 1), context=mesh_config.get("context", 1))
 
 
 def batch_sharding(mesh) -> NamedSharding:
-  """Batches are split over the data-parallel axes (data x fsdp) along their first dimension."""
+  """Batches are split over the data-parallel axes (data x fsdp x expert) along their first
+  dimension."""
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
@@ -61,7 +71,7 @@ def replicated(mesh) -> NamedSharding:
 
 
 def batch_parallelism(mesh) -> int:
-  """How many ways the batch dimension is split: data x fsdp."""
+  """How many ways the batch dimension is split: data x fsdp x expert."""
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
@@ -71,7 +81,8 @@ def check_batch_size(mesh, batch_size: int, *, grad_accum_steps: int = 1,
   ways = batch_parallelism(mesh) * grad_accum_steps
   if batch_size % ways:
     raise ConfigError(
-        f"{field}={batch_size} is not divisible by mesh data x fsdp ({batch_parallelism(mesh)}) x "
+        f"{field}={batch_size} is not divisible by mesh data x fsdp x expert "
+        f"({batch_parallelism(mesh)}) x "
         f"train.grad_accum_steps ({grad_accum_steps}) = {ways}")
 
 
