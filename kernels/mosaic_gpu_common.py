@@ -146,3 +146,68 @@ def export_for_cuda(fn, *shapes):
 __all__ = ["MIN_JAX", "MAX_SMEM_BYTES", "version_error", "unsupported_platform_reason",
            "check_available", "interpret_params", "kernel_kwargs", "KernelSummary", "summarize",
            "exported_kernels", "export_for_cuda"]
+
+
+# ---------------------------------------------------------------- kernel-building helpers
+# (appended for the softmax / norms / cross-entropy kernels; plgpu imported lazily so this
+# module still imports on JAX < 0.11, where those kernels only raise ``version_error``.)
+
+# Rows of a WGMMA register layout tile: row-blocked kernels take a multiple of this many rows.
+WGMMA_ROWS = 64
+
+
+def round_up(a: int, b: int) -> int:
+  return -(-int(a) // int(b)) * int(b)
+
+
+def pad2(a, rows: int, cols: int, value=0):
+  """``a`` ([r, c]) padded at the end to ``[rows, cols]`` with ``value``."""
+  r, c = a.shape
+  if (r, c) == (rows, cols):
+    return a
+  return jax.numpy.pad(a, ((0, rows - r), (0, cols - c)), constant_values=value)
+
+
+def warpgroup_params():
+  """``compiler_params`` for kernels written per warpgroup (one 128-thread warpgroup)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def pipeline(body, *, grid, in_specs, stages: int, init_carry=None):
+  """``plgpu.emit_pipeline`` over input blocks whose body fences its shared-memory reads.
+
+  The pipeline refills a slot with TMA right after the body that read it; ``commit_smem``
+  (``fence.proxy.async``) orders the body's generic-proxy reads before that async-proxy
+  write, which the GPU interpreter's race detector otherwise reports as a race.
+  """
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  def fenced(*args):
+    out = body(*args)
+    plgpu.commit_smem()
+    return out
+
+  return plgpu.emit_pipeline(fenced, grid=grid, in_specs=in_specs,
+                             max_concurrent_steps=stages, init_carry=init_carry)
+
+
+def store_tiles(step, tiles):
+  """Write ``tiles`` (``(ring, value, gmem_dst)``; ``ring`` is a 2-slot SMEM buffer) at ``step``.
+
+  Each value goes to slot ``step % 2`` and is copied out with TMA. Before overwriting the
+  slot, wait until only the previous step's copies (one per tile) may still be reading
+  shared memory: double-buffered stores without a full wait per step.
+  """
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  slot = step % 2
+  plgpu.wait_smem_to_gmem(len(tiles), wait_read_only=True)
+  for ring, value, _ in tiles:
+    ring.at[slot][...] = value.astype(ring.dtype)
+  plgpu.commit_smem()
+  for ring, _, dst in tiles:
+    plgpu.copy_smem_to_gmem(ring.at[slot], dst)
+
+
+def config_error(op: str, cfg, why: str) -> ValueError:
+  return ValueError(f"{op} mosaic_gpu: config {cfg} is not valid: {why}")

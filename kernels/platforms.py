@@ -19,6 +19,8 @@ import threading
 import jax
 
 _GPU_NAMES = ("gpu", "cuda", "rocm")
+# mosaic_gpu_common.MIN_JAX (not imported: mosaic_gpu_common imports this module).
+MOSAIC_GPU_MIN_JAX = (0, 11)
 _state = threading.local()
 
 
@@ -31,12 +33,24 @@ def current() -> str:
 
 def pallas_default(backend: str | None = None) -> str | None:
   """The Pallas backend ``implementation=None`` picks on ``backend`` (default: ``current()``):
-  ``"triton"`` on GPUs, ``"mosaic_tpu"`` on TPUs, None elsewhere (each op then picks among
-  its XLA implementations)."""
+  on GPUs ``"mosaic_gpu"`` with JAX >= 0.11 (where Pallas's Triton backend is deprecated),
+  else ``"triton"``; ``"mosaic_tpu"`` on TPUs; None elsewhere (each op then picks among its
+  XLA implementations). An op whose Mosaic GPU kernel cannot serve a call (dtype, shape)
+  falls back to ``"triton"`` (see ``gpu_fallback``)."""
   backend = backend or current()
   if backend in _GPU_NAMES:
-    return "triton"
+    jax_version = tuple(int(p) for p in jax.__version__.split(".")[:2])
+    return "mosaic_gpu" if jax_version >= MOSAIC_GPU_MIN_JAX else "triton"
   return "mosaic_tpu" if backend == "tpu" else None
+
+
+def gpu_fallback(name: str, explicit: bool, unsupported) -> str:
+  """The implementation to run: ``name``, or ``"triton"`` when ``name`` is the default
+  ``"mosaic_gpu"`` (``explicit`` False) and ``unsupported()`` gives a reason it cannot serve
+  this call. An explicit ``implementation="mosaic_gpu"`` keeps its one-line error instead."""
+  if name == "mosaic_gpu" and not explicit and unsupported() is not None:
+    return "triton"
+  return name
 
 
 @contextlib.contextmanager
@@ -54,4 +68,4 @@ def target_platform(platform: str):
     _state.platform = previous
 
 
-__all__ = ["current", "pallas_default", "target_platform"]
+__all__ = ["current", "pallas_default", "gpu_fallback", "target_platform"]

@@ -5,7 +5,11 @@ implementation is one file beside this one with the same two functions:
   * ``attention(query, key, value, bias, mask, query_segment_ids, kv_segment_ids, *, scale,
     window, soft_cap, interpret)`` -> output, differentiable in query, key, value and bias;
   * ``unsupported_reason(args: AttentionArgs) -> str | None``: why it cannot serve the call.
-Adding a backend (e.g. ``mosaic_tpu``) = one file, one entry in ``IMPLEMENTATIONS`` (and in
+  * optionally ``interpret_reason(args)``: the same under ``interpret=True`` (a GPU kernel
+    interpreted on a CPU host need not decline the host platform), and
+    ``unavailable_reason()``: why it cannot run in this process at all (JAX version, GPU
+    generation); the default selection then skips it without a warning.
+Adding a backend (e.g. ``mosaic_tpu``, ``mosaic_gpu``) = one file, one entry in ``IMPLEMENTATIONS`` (and in
 ``PALLAS_IMPLEMENTATIONS`` / ``DEFAULT_ORDER`` as it applies). The masking rules all backends
 share live in ``common.py``.
 """
@@ -28,13 +32,17 @@ IMPLEMENTATIONS = {
     "triton": ".triton",
     "cudnn": ".cudnn",
     "mosaic_tpu": ".mosaic_tpu",
+    "mosaic_gpu": ".mosaic_gpu",
 }
-# Pallas kernels: the ones ``interpret=True`` applies to.
-PALLAS_IMPLEMENTATIONS = ("triton", "mosaic_tpu")
+# Pallas kernels: the ones ``interpret=True`` applies to. With interpret=True and
+# implementation=None the first that serves the arguments runs: "triton" stays first (it serves
+# float32 and every head dim, and runs on JAX 0.10).
+PALLAS_IMPLEMENTATIONS = ("triton", "mosaic_tpu", "mosaic_gpu")
 # implementation=None: the first that serves the arguments, per platform. CPU is special:
-# "xla" for short sequences (fastest there), "xla_chunked" beyond CPU_XLA_MAX_LOGITS.
+# "xla" for short sequences (fastest there), "xla_chunked" beyond CPU_XLA_MAX_LOGITS. On GPU,
+# "mosaic_gpu" (JAX >= 0.11, Hopper) first; on older JAX it declines and "triton" serves.
 DEFAULT_ORDER = {
-    "gpu": ("triton", "xla_chunked"),
+    "gpu": ("mosaic_gpu", "triton", "xla_chunked"),
     "tpu": ("mosaic_tpu", "xla_chunked"),
     "cpu": ("xla", "xla_chunked"),
 }
@@ -70,6 +78,13 @@ def _module(name: str):
 def _platform() -> str:
   # jax.default_backend(), unless a kernels.target_platform(...) block says otherwise.
   return platforms.current()
+
+
+def _unsupported_reason(name: str, args: AttentionArgs, interpret: bool) -> str | None:
+  # Interpret mode runs a GPU kernel on any host: a backend may then check less (the platform).
+  module = _module(name)
+  check = getattr(module, "interpret_reason", None) if interpret else None
+  return (check or module.unsupported_reason)(args)
 
 
 def _shape_str(**arrays) -> str:
@@ -184,7 +199,7 @@ def _select(implementation, args: AttentionArgs, interpret: bool) -> str:
       raise ValueError(f"interpret=True applies to the Pallas implementations "
                        f"{list(PALLAS_IMPLEMENTATIONS)}; got implementation="
                        f"{implementation!r}")
-    reason = _module(implementation).unsupported_reason(args)
+    reason = _unsupported_reason(implementation, args, interpret)
     if reason is not None:
       raise ValueError(
           f"implementation={implementation!r} cannot serve these arguments: {reason} (query "
@@ -200,7 +215,10 @@ def _select(implementation, args: AttentionArgs, interpret: bool) -> str:
     order = DEFAULT_ORDER.get(args.platform, ("xla_chunked",))
   skipped = []
   for name in order:
-    reason = _module(name).unsupported_reason(args)
+    unavailable = getattr(_module(name), "unavailable_reason", None)
+    if unavailable is not None and unavailable() is not None:
+      continue  # not a fallback: this backend does not exist here
+    reason = _unsupported_reason(name, args, interpret)
     if reason is None:
       if skipped:
         _warn_once(f"dot_product_attention: {'; '.join(skipped)}; falling back to {name!r}.")
@@ -234,7 +252,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     logits_soft_cap: c > 0: logits become ``c * tanh(logits / c)`` (after scale and bias,
       before the mask).
     implementation: None (the best for the backend and arguments; falls back with a one-time
-      warning), "xla", "xla_chunked", "triton", "cudnn" or "mosaic_tpu".
+      warning), "xla", "xla_chunked", "triton", "cudnn", "mosaic_tpu" or "mosaic_gpu" (Hopper,
+      JAX >= 0.11, bf16/f16, head_dim 64/128/256).
     interpret: run the Pallas kernel in interpret mode (CPU tests of the kernel code).
 
   Returns:

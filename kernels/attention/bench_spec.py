@@ -6,13 +6,15 @@ dv plus re-reads in the backward). ``python -m kernels.attention.bench`` uses th
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
 import numpy as np
 
 from . import IMPLEMENTATIONS, dot_product_attention
-from ..bench.spec import OpSpec, itemsize, normal
+from ..bench.spec import OpSpec, Sweep, itemsize, normal
 
 
 def visible_pairs(q_len: int, kv_len: int, causal: bool = False, window=None) -> int:
@@ -43,13 +45,46 @@ def _inputs(dims, dtype, key):
   return tuple(normal(k, (b, t, h, d), dtype) for k in ks), (0, 1, 2)
 
 
-def _run(impl, args, interpret):
-  return dot_product_attention(*args, is_causal=True, implementation=impl, interpret=interpret)
+def _run(impl, args, interpret, causal=True):
+  return dot_product_attention(*args, is_causal=causal, implementation=impl, interpret=interpret)
 
 
-def _flops(dims, mode):
+def _flops(dims, mode, causal=True):
   b, t, h, d = dims
-  return float(attention_flops(b, t, t, h, d, causal=True, backward=mode == "fwd_bwd"))
+  return float(attention_flops(b, t, t, h, d, causal=causal, backward=mode == "fwd_bwd"))
+
+
+def _mosaic_gpu_sweeps(dims, dtype, interpret, causal=True):
+  """One sweep over ``mosaic_gpu.autotune_candidates`` (forward and backward tiles and the TMA
+  ring depth in one ``BlockSizes``), timing forward + VJP: the cache holds one entry,
+  ``attention_mosaic_gpu.fwd`` at ``(T, S, head_dim)``, that all three kernels read."""
+  import inspect
+  from . import common, mosaic_gpu as mod
+  b, t, h, d = dims
+  if "block_sizes" not in inspect.signature(mod.attention).parameters:
+    raise TypeError("kernels.attention.mosaic_gpu.attention takes no block_sizes=")
+  (q, k, v), _ = _inputs(dims, dtype, jax.random.key(1))
+  do = normal(jax.random.key(2), q.shape, dtype)
+  window = common.make_window(causal, None)
+
+  def make(bs):
+    def f(q, k, v, do):
+      out, vjp = jax.vjp(lambda q, k, v: mod.attention(
+          q, k, v, None, None, None, None, scale=d ** -0.5, window=window, interpret=interpret,
+          block_sizes=bs), q, k, v)
+      return out, vjp(do)
+    return f
+  default = mod.BlockSizes.default(t, t, d, dtype).fit(t, t)  # the baseline first
+  cands = [default] + [c for c in mod.autotune_candidates(t, t, d, dtype) if c != default]
+  return [Sweep(f"{mod.AUTOTUNE_OP}.fwd", (t, t, d), cands, make, (q, k, v, do),
+                as_dict=dataclasses.asdict)]
+
+
+def with_causal(causal: bool) -> OpSpec:
+  """The attention spec with ``is_causal=causal`` (the default spec is causal): the GPU report
+  measures both."""
+  return dataclasses.replace(SPECS["attention"], run=functools.partial(_run, causal=causal),
+                             flops=functools.partial(_flops, causal=causal))
 
 
 SPECS = {
@@ -59,5 +94,5 @@ SPECS = {
         bytes=lambda dims, dt, mode: (math.prod(dims) * itemsize(dt)
                                       * (12 if mode == "fwd_bwd" else 4)),
         size=lambda dims: dims[0] * dims[2] * dims[1] * dims[1], size_doc="B*H*T*T",
-        memory_bound=False),
+        memory_bound=False, mosaic_gpu_sweeps=_mosaic_gpu_sweeps),
 }

@@ -40,4 +40,7 @@ def unsupported_reason(args) -> str | None:
   w = args.window
   if not w.is_full and w.right != 0:
     return f"local window {w} (cuDNN only takes windows that end at the query: right == 0)"
+  if args.platform != "gpu":
+    return (f"cuDNN runs on NVIDIA GPUs, not on {args.platform!r} (jax.nn would raise a bare "
+            f"'cuDNN is not detected'); use 'xla' or 'xla_chunked' there")
   return None

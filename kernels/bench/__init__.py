@@ -7,6 +7,7 @@ Examples::
   python -m kernels.bench --op=layer_norm --implementations=xla,triton --plot=ln.png --json=ln.jsonl
   python -m kernels.bench --memory-check          # xla vs xla_chunked cross-entropy memory
   python -m kernels.bench --op=rms_norm --lower   # lower the Triton kernels for CUDA from CPU
+  python -m kernels.bench gpu_report --out=results/gpu [--dry_run] [--autotune]
 
 Per implementation and shape it prints the median time (device-synchronised, after
 warm-up), TFLOP/s and GB/s from each op's analytic FLOP and byte counts, the percent of
@@ -27,8 +28,12 @@ mosaic_tpu rows in Pallas's TPU interpreter, for correctness: none is a kernel t
 TPU the mosaic_tpu rows are the Mosaic kernels (roofline peaks for v4, v5e, v5p, v6e in
 ``kernels/bench/roofline.py``); rows a platform cannot run (triton on TPU, mosaic_tpu on GPU)
 report an error instead of a time. ``--autotune`` sweeps each Triton kernel's
-block sizes, warps and stages and stores the winners in the autotune cache (see
-``kernels/autotune.py``; ``--cache`` picks the file).
+block sizes, warps and stages (and each Mosaic GPU kernel's ``autotune_candidates``) and stores
+the winners in the autotune cache (see ``kernels/autotune.py``; ``--cache`` picks the file).
+
+``gpu_report`` is the one-command GPU report (all ops x implementations, ceilings, numerics,
+markdown + JSON lines, < 8 minutes on one H200); ``--dry_run`` lists its plan and lowers the
+Pallas kernels for cuda on a CPU.
 
 The harness, shared by every op:
 
@@ -37,7 +42,9 @@ The harness, shared by every op:
 * ``timing.py``: one row: compile, time, error against the reference, compiled memory;
 * ``roofline.py``: device peaks and percent of peak;
 * ``tables.py``: the text table, JSON lines, the plot;
-* ``tune.py``: the autotuning sweep over an op's Triton launch configs;
+* ``tune.py``: the autotuning sweep over an op's Triton and Mosaic GPU configs;
+* ``gpu_report.py`` (the GPU run), ``gpu_plan.py`` (what it measures), ``gpu_measure.py``
+  (compile ahead, check, time), ``gpu_tables.py`` (markdown), ``gpu_dry_run.py`` (CPU checks);
 * ``__main__.py``: the command line.
 
 Adding an op: a ``bench_spec.py`` beside it with ``SPECS = {name: OpSpec(...)}`` and one

@@ -1,4 +1,5 @@
-"""Benchmark, check and autotune the kernels: ``python -m kernels.bench --op=... ``.
+"""Benchmark, check and autotune the kernels: ``python -m kernels.bench --op=... ``, or the GPU
+report: ``python -m kernels.bench gpu_report --out=DIR [--dry_run]`` (``gpu_report.py``).
 
 The command line only (flags, the order of the steps, what is printed); the package
 docstring (``kernels/bench/__init__.py``) describes the tool, and the modules beside this
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from .. import autotune
 from ..triton_common import TRITON_CUSTOM_CALL, lower_for_cuda
 from . import roofline, spec as specs, tables, timing
-from .tune import autotune_op
+from .tune import TUNED_IMPLS, autotune_op
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--reps", type=int, default=None, help="timed repetitions (GPU 50, CPU 5)")
   p.add_argument("--autotune", action="store_true",
-                 help="sweep Triton block sizes/warps/stages first and cache the winners")
+                 help="sweep Triton block sizes/warps/stages and Mosaic GPU block sizes/pipeline "
+                      "depth first and cache the winners")
   p.add_argument("--cache", default=None,
                  help=f"autotune cache file to write (default ${autotune.CACHE_ENV} or "
                       "~/.cache/llmx/autotune.json)")
@@ -57,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] == ["gpu_report"]:  # the subcommand: python -m kernels.bench gpu_report --out=DIR
+    from . import gpu_report
+    return gpu_report.main(argv[1:])
   parser = _parser()
   args = parser.parse_args(argv)
   saved = os.environ.get(autotune.CACHE_ENV)
@@ -107,19 +113,22 @@ def _device_spec(dtype, measure: bool) -> roofline.DeviceSpec | None:
 
 
 def _autotune_cli(spec: specs.OpSpec, impls, shapes, dtype, args, on_cpu: bool) -> None:
-  if "triton" not in impls:
-    print("# autotune: only Triton kernels are tuned; 'triton' not in --implementations")
+  tuned = [i for i in impls if i in TUNED_IMPLS]
+  if not tuned:
+    print(f"# autotune: only {' and '.join(TUNED_IMPLS)} kernels are tuned; neither is in "
+          "--implementations")
     return
   if on_cpu:
     print("# autotune on CPU runs interpret mode: it exercises the sweep and the cache, "
           "but the winners mean nothing for a GPU")
   max_configs = args.max_configs if args.max_configs is not None else (2 if on_cpu else None)
-  for dims in shapes:
-    if on_cpu and spec.size(dims) > args.max_interpret_size:
-      print(f"# autotune: {dims} too big for interpret mode; skipped")
-      continue
-    autotune_op(spec.name, dims, dtype, cache_path=args.cache, interpret=on_cpu,
-                max_configs=max_configs, warmup=1 if on_cpu else 3, reps=2 if on_cpu else 20)
+  for impl in tuned:
+    for dims in shapes:
+      if on_cpu and spec.size(dims) > args.max_interpret_size:
+        print(f"# autotune: {dims} too big for interpret mode; skipped")
+        continue
+      autotune_op(spec.name, dims, dtype, impl=impl, cache_path=args.cache, interpret=on_cpu,
+                  max_configs=max_configs, warmup=1 if on_cpu else 3, reps=2 if on_cpu else 20)
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

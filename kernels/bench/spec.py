@@ -38,8 +38,9 @@ class OpSpec:
   and ``bytes(dims, dtype, mode)``: algorithmic counts. ``size(dims)``: problem size for plots
   and the interpret-mode limit (``size_doc`` says what it counts). ``tuning_problems(dims,
   dtype, interpret) -> (triton module, {kind: (make(config) -> fn, inputs)})`` for the Triton
-  kernels ``--autotune`` sweeps (None: nothing to tune). ``report(rows, shapes)``: extra lines
-  printed after the table.
+  kernels ``--autotune`` sweeps (None: nothing to tune); ``mosaic_gpu_sweeps(dims, dtype,
+  interpret) -> [Sweep]`` the same for the Mosaic GPU kernels, whose modules name their cache
+  keys and candidates themselves. ``report(rows, shapes)``: extra lines printed after the table.
   """
   name: str
   shape_doc: str
@@ -55,6 +56,43 @@ class OpSpec:
   memory_bound: bool
   tuning_problems: Callable[..., tuple[Any, dict]] | None = None
   report: Callable[[Sequence[dict], Sequence[tuple]], list[str]] | None = None
+  mosaic_gpu_sweeps: Callable[..., list["Sweep"]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """One kernel's autotuning sweep: time ``make(config)(*inputs)`` for each candidate and store
+  the fastest as ``as_dict(config)`` under cache op name ``key`` at shape ``dims`` (the key and
+  shape the kernel looks up at trace time, e.g. ``"rms_norm.mosaic_gpu.fwd"``, ``(N, D)``)."""
+  key: str
+  dims: tuple
+  candidates: Sequence[Any]
+  make: Callable[[Any], Callable]
+  inputs: tuple
+  as_dict: Callable[[Any], dict] = dict
+
+
+def fwd_bwd_sweeps(key: str, dims, dtype, mod, call, args: tuple, cotangent, **kw) -> list[Sweep]:
+  """The two sweeps (``<key>.fwd``, ``<key>.bwd``) of a Mosaic GPU module whose
+  ``autotune_candidates(kind, dims, dtype, **kw)`` and ``heuristic_config(...)`` return configs
+  with ``as_dict()``, and whose op takes ``config={"fwd": ..., "bwd": ...}``: ``call(*args,
+  config=...)``. The kernel not swept keeps its heuristic config; the bwd sweep times forward +
+  VJP with ``cotangent`` (the forward is the same for every candidate, so the order is the
+  backward's)."""
+  heur = {k: mod.heuristic_config(k, dims, dtype, **kw) for k in ("fwd", "bwd")}
+
+  def make(kind):
+    def build(cfg):
+      f = lambda *a: call(*a, config={**heur, kind: cfg})
+      return f if kind == "fwd" else (lambda g, *a: jax.vjp(f, *a)[1](g))
+    return build
+  def candidates(kind):  # the heuristic first: the baseline, also under --max-configs
+    rest = mod.autotune_candidates(kind, dims, dtype, **kw)
+    return [heur[kind]] + [c for c in rest if c != heur[kind]]
+  return [Sweep(f"{key}.{kind}", tuple(dims), candidates(kind), make(kind),
+                tuple(args) if kind == "fwd" else (cotangent,) + tuple(args),
+                as_dict=lambda c: c.as_dict())
+          for kind in ("fwd", "bwd")]
 
 
 def names() -> list[str]:

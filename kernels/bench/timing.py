@@ -20,8 +20,9 @@ from .. import autotune
 from . import roofline
 from .spec import OpSpec, normal
 
-# Pallas implementations: on CPU they run in interpret mode (the TPU interpreter for mosaic_tpu).
-PALLAS_IMPLS = ("triton", "mosaic_tpu")
+# Pallas implementations: on CPU they run in interpret mode (the TPU interpreter for mosaic_tpu,
+# the GPU interpreter for mosaic_gpu).
+PALLAS_IMPLS = ("triton", "mosaic_tpu", "mosaic_gpu")
 
 
 def build_fn(spec: OpSpec, impl: str, mode: str, diff: tuple[int, ...], interpret: bool):
@@ -116,7 +117,7 @@ def _skip_reason(spec: OpSpec, impl: str, dims, on_cpu: bool, interpret: bool,
   if on_cpu and impl == "cudnn":
     return "cudnn needs a GPU"
   if not on_cpu and (impl == "mosaic_tpu") != (jax.default_backend() == "tpu") and (
-      impl in ("mosaic_tpu", "triton", "cudnn")):
+      impl in ("mosaic_tpu", "triton", "cudnn", "mosaic_gpu")):
     return f"{impl} does not run on {jax.default_backend()}"
   if interpret and spec.size(dims) > max_interpret_size:
     return (f"skipped: size {spec.size(dims)} > --max-interpret-size "

@@ -12,9 +12,13 @@ Implementations (one backend file each, registered in ``_IMPLEMENTATIONS``):
   logits per chunk in the backward.
 * ``"triton"``      -- ``triton.py``: Pallas Triton forward and backward kernels.
 * ``"mosaic_tpu"``  -- ``mosaic_tpu.py``: Pallas TPU (Mosaic) forward and backward kernels.
+* ``"mosaic_gpu"``  -- ``mosaic_gpu.py``: Pallas Mosaic GPU (``plgpu``, Hopper) kernels, the
+  matmuls as SMEM x SMEM wgmma; 16-bit ``x``/``weight``; JAX >= 0.11.
 
-``implementation=None``: ``"triton"`` on GPUs, ``"mosaic_tpu"`` on TPUs (the platform is
-``kernels.platforms.current()``: see ``kernels.target_platform``); elsewhere ``"xla"`` when
+``implementation=None``: ``"mosaic_gpu"`` on GPUs with JAX >= 0.11 (``"triton"`` on older
+JAX, or for arguments the Mosaic GPU kernels do not take, e.g. float32), ``"mosaic_tpu"``
+on TPUs (the platform is ``kernels.platforms.current()``: see ``kernels.target_platform``);
+elsewhere ``"xla"`` when
 ``N * V <= XLA_MAX_LOGITS`` (2**24 logits, 64 MiB in float32) and ``"xla_chunked"``
 above it.
 """
@@ -35,6 +39,7 @@ _IMPLEMENTATIONS = {
     "xla_chunked": ".xla_chunked",
     "triton": ".triton",
     "mosaic_tpu": ".mosaic_tpu",
+    "mosaic_gpu": ".mosaic_gpu",
 }
 IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
 REDUCTIONS = ("mean", "sum", "none")
@@ -83,7 +88,8 @@ def linear_cross_entropy(x, weight, labels, *, ignore_index=IGNORE_INDEX, label_
     z_loss: coefficient of the ``logsumexp(logits)**2`` penalty per token.
     reduction: ``"mean"`` (over non-ignored tokens; 0 if there are none), ``"sum"``, or
       ``"none"`` (``[N]`` losses, 0 at ignored tokens).
-    implementation: ``None``, ``"xla"``, ``"xla_chunked"``, ``"triton"`` or ``"mosaic_tpu"``.
+    implementation: ``None``, ``"xla"``, ``"xla_chunked"``, ``"triton"``, ``"mosaic_tpu"`` or
+      ``"mosaic_gpu"``.
     interpret: run Pallas kernels in interpret mode (CPU testing).
 
   Returns:
@@ -132,8 +138,11 @@ def linear_cross_entropy(x, weight, labels, *, ignore_index=IGNORE_INDEX, label_
                        f"{int(lab[i])} (and {int(bad.sum()) - 1} more); use "
                        f"ignore_index={ignore_index} to skip tokens")
   name = default_implementation(n, v) if implementation is None else implementation
-  fn = get_implementation(name)
   dtype = jnp.result_type(x.dtype, weight.dtype)
+  name = platforms.gpu_fallback(
+      name, implementation is not None,
+      lambda: importlib.import_module(".mosaic_gpu", __name__).unsupported(n, d, v, dtype))
+  fn = get_implementation(name)
   x, weight = x.astype(dtype), weight.astype(dtype)
   valid = labels != ignore_index
   if n == 0:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from . import IMPLEMENTATIONS, linear_cross_entropy
-from ..bench.spec import OpSpec, itemsize, normal
+from ..bench.spec import OpSpec, fwd_bwd_sweeps, itemsize, normal
 from ..bench.timing import compiled_temp_bytes
 
 MEMORY_CHECK_SHAPE = (8192, 512, 32768)
@@ -54,6 +54,17 @@ def _tuning_problems(dims, dtype, interpret):
   }
 
 
+def _mosaic_gpu_sweeps(dims, dtype, interpret):
+  """``mosaic_gpu.py``'s fwd (logits + log-sum-exp) and bwd kernels through its
+  ``per_token_loss(..., config=)``."""
+  from . import mosaic_gpu as mod
+  (x, w, labels), _ = _inputs(dims, dtype, jax.random.key(1))
+  call = lambda a, ww, config: mod.per_token_loss(a, ww, labels, interpret=interpret,
+                                                  config=config)
+  return fwd_bwd_sweeps("linear_cross_entropy.mosaic_gpu", dims, dtype, mod, call, (x, w),
+                        normal(jax.random.key(2), (dims[0],), jnp.float32))
+
+
 def _memory_report(rows, shapes) -> list[str]:
   """Per shape, the compiled temporary memory of "xla_chunked" over "xla" (when both ran)."""
   temps = {(r["dims"], r["impl"]): r.get("temp_bytes") for r in rows}
@@ -87,5 +98,6 @@ SPECS = {
         tuple(IMPLEMENTATIONS), _inputs, _run,
         flops=lambda dims, mode: 2.0 * math.prod(dims) * (3 if mode == "fwd_bwd" else 1),
         bytes=_bytes, size=lambda dims: dims[0] * dims[2], size_doc="N*V", memory_bound=False,
-        tuning_problems=_tuning_problems, report=_memory_report),
+        tuning_problems=_tuning_problems, report=_memory_report,
+        mosaic_gpu_sweeps=_mosaic_gpu_sweeps),
 }

@@ -10,9 +10,13 @@ Implementations (one backend file each, registered in ``_IMPLEMENTATIONS``):
   (``dx``, ``dscale``, ``doffset``).
 * ``"mosaic_tpu"`` -- ``mosaic_tpu.py``: Pallas TPU (Mosaic) forward and backward kernels,
   whole rows per block, padded inside the op to TPU tiles.
+* ``"mosaic_gpu"`` -- ``mosaic_gpu.py``: Pallas Mosaic GPU (``plgpu``, Hopper) forward and
+  backward kernels, TMA-pipelined column blocks; JAX >= 0.11.
 
-``implementation=None`` picks ``"triton"`` on GPUs, ``"mosaic_tpu"`` on TPUs and ``"xla"``
-elsewhere (the platform is ``kernels.platforms.current()``: see ``kernels.target_platform``).
+``implementation=None`` picks ``"mosaic_gpu"`` on GPUs with JAX >= 0.11 (``"triton"`` on
+older JAX, or for a dtype the Mosaic GPU kernels do not take), ``"mosaic_tpu"`` on TPUs and
+``"xla"`` elsewhere (the platform is ``kernels.platforms.current()``: see
+``kernels.target_platform``).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ _IMPLEMENTATIONS = {
     "xla": ".reference",
     "triton": ".triton",
     "mosaic_tpu": ".mosaic_tpu",
+    "mosaic_gpu": ".mosaic_gpu",
 }
 IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
 
@@ -37,8 +42,13 @@ def default_implementation(backend: str | None = None) -> str:
   return platforms.pallas_default(backend) or "xla"
 
 
-def get_implementation(op: str, name: str | None):
+def get_implementation(op: str, name: str | None, arrays=None):
+  """The backend's ``op``; with ``name=None`` the platform default for ``arrays``."""
+  explicit = name is not None
   name = default_implementation() if name is None else name
+  if arrays is not None:
+    name = platforms.gpu_fallback(name, explicit, lambda: importlib.import_module(
+        ".mosaic_gpu", __name__).unsupported(*arrays))
   if name not in _IMPLEMENTATIONS:
     raise ValueError(f"{op}: unknown implementation={name!r}; choose from "
                      f"{', '.join(IMPLEMENTATIONS)} or None")
@@ -74,7 +84,7 @@ def layer_norm(x, scale, offset, *, epsilon=1e-6, implementation=None, interpret
   no offset). Output in ``x.dtype``; gradients for ``x``, ``scale`` and ``offset``.
   """
   x, (scale, offset) = _check("layer_norm", x, (("scale", scale), ("offset", offset)), epsilon)
-  fn = get_implementation("layer_norm", implementation)
+  fn = get_implementation("layer_norm", implementation, (x, scale, offset))
   if x.size == 0:
     fn = get_implementation("layer_norm", "xla")
   return fn(x, scale, offset, epsilon=float(epsilon), interpret=interpret)
@@ -83,7 +93,7 @@ def layer_norm(x, scale, offset, *, epsilon=1e-6, implementation=None, interpret
 def rms_norm(x, scale, *, epsilon=1e-6, implementation=None, interpret=False):
   """``x / sqrt(mean(x**2) + epsilon) * scale`` over the last axis (``scale`` may be None)."""
   x, (scale,) = _check("rms_norm", x, (("scale", scale),), epsilon)
-  fn = get_implementation("rms_norm", implementation)
+  fn = get_implementation("rms_norm", implementation, (x, scale))
   if x.size == 0:
     fn = get_implementation("rms_norm", "xla")
   return fn(x, scale, epsilon=float(epsilon), interpret=interpret)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from . import IMPLEMENTATIONS, layer_norm, rms_norm
-from ..bench.spec import OpSpec, itemsize, normal
+from ..bench.spec import OpSpec, fwd_bwd_sweeps, itemsize, normal
 
 
 def _inputs(dims, dtype, key, with_offset=True):
@@ -50,6 +50,16 @@ def _tuning_problems(op, dims, dtype, interpret):
   }
 
 
+def _mosaic_gpu_sweeps(op, dims, dtype, interpret):
+  """``mosaic_gpu.py``'s fwd and bwd kernels through the op with ``config=``."""
+  from . import mosaic_gpu as mod
+  centered = op == "layer_norm"
+  args, _ = _inputs(dims, dtype, jax.random.key(1), with_offset=centered)
+  call = functools.partial(getattr(mod, op), interpret=interpret)
+  return fwd_bwd_sweeps(f"{op}.mosaic_gpu", dims, dtype, mod, call, args,
+                        normal(jax.random.key(2), dims, dtype), centered=centered)
+
+
 def _bytes(dims, dtype, mode, *, vectors):
   """x and y (and dy, dx, plus re-reading x) per element; ``vectors`` per row width: scale
   and offset read (and their gradients written) by the forward (and the backward)."""
@@ -66,7 +76,8 @@ def _spec(name, run, inputs, fwd_flops, bwd_flops, vectors):
                                                   + (bwd_flops if mode == "fwd_bwd" else 0.0)),
       bytes=functools.partial(_bytes, vectors=vectors),
       size=lambda dims: math.prod(dims), size_doc="N*D", memory_bound=True,
-      tuning_problems=functools.partial(_tuning_problems, name))
+      tuning_problems=functools.partial(_tuning_problems, name),
+      mosaic_gpu_sweeps=functools.partial(_mosaic_gpu_sweeps, name))
 
 
 SPECS = {

@@ -7,9 +7,13 @@ Implementations (one backend file each, registered in ``_IMPLEMENTATIONS``):
   long rows with an online max/sum.
 * ``"mosaic_tpu"`` -- ``mosaic_tpu.py``: Pallas TPU (Mosaic) forward and backward kernels,
   whole rows per block, padded inside the op to TPU tiles.
+* ``"mosaic_gpu"`` -- ``mosaic_gpu.py``: Pallas Mosaic GPU (``plgpu``, Hopper) forward and
+  backward kernels, TMA-pipelined column blocks; JAX >= 0.11.
 
-``implementation=None`` picks ``"triton"`` on GPUs, ``"mosaic_tpu"`` on TPUs and ``"xla"``
-elsewhere (the platform is ``kernels.platforms.current()``: see ``kernels.target_platform``).
+``implementation=None`` picks ``"mosaic_gpu"`` on GPUs with JAX >= 0.11 (``"triton"`` on
+older JAX, or for a dtype the Mosaic GPU kernels do not take), ``"mosaic_tpu"`` on TPUs and
+``"xla"`` elsewhere (the platform is ``kernels.platforms.current()``: see
+``kernels.target_platform``).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ _IMPLEMENTATIONS = {
     "xla": ".reference",
     "triton": ".triton",
     "mosaic_tpu": ".mosaic_tpu",
+    "mosaic_gpu": ".mosaic_gpu",
 }
 IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
 
@@ -34,8 +39,13 @@ def default_implementation(backend: str | None = None) -> str:
   return platforms.pallas_default(backend) or "xla"
 
 
-def get_implementation(name: str | None):
+def get_implementation(name: str | None, x=None):
+  """The backend's ``softmax``; with ``name=None`` the platform default for input ``x``."""
+  explicit = name is not None
   name = default_implementation() if name is None else name
+  if x is not None:
+    name = platforms.gpu_fallback(name, explicit, lambda: importlib.import_module(
+        ".mosaic_gpu", __name__).unsupported(x))
   if name not in _IMPLEMENTATIONS:
     raise ValueError(f"softmax: unknown implementation={name!r}; choose from "
                      f"{', '.join(IMPLEMENTATIONS)} or None")
@@ -65,7 +75,8 @@ def softmax(x, axis=-1, where=None, *, scale=1.0, implementation=None, interpret
     where: optional boolean array broadcastable to ``x``; masked entries get
       probability 0 and a row with nothing allowed returns zeros (not NaN).
     scale: static Python number multiplying ``x`` before the softmax.
-    implementation: ``None`` (backend default), ``"xla"``, ``"triton"`` or ``"mosaic_tpu"``.
+    implementation: ``None`` (backend default), ``"xla"``, ``"triton"``, ``"mosaic_tpu"`` or
+      ``"mosaic_gpu"``.
     interpret: run Pallas kernels in interpret mode (CPU testing).
 
   Returns:
@@ -90,7 +101,7 @@ def softmax(x, axis=-1, where=None, *, scale=1.0, implementation=None, interpret
                        f"{x.shape}")
   if isinstance(scale, jax.Array) or not isinstance(scale, numbers.Real):
     raise TypeError(f"softmax: scale must be a static Python number, got {type(scale).__name__}")
-  fn = get_implementation(implementation)
+  fn = get_implementation(implementation, x)
   if x.size == 0:
     fn = get_implementation("xla")
   return fn(x, where, axis=axes, scale=float(scale), interpret=interpret)

@@ -10,7 +10,7 @@ import math
 import jax
 
 from . import IMPLEMENTATIONS, softmax
-from ..bench.spec import OpSpec, itemsize, normal
+from ..bench.spec import OpSpec, fwd_bwd_sweeps, itemsize, normal
 
 
 def _inputs(dims, dtype, key):
@@ -35,6 +35,16 @@ def _tuning_problems(dims, dtype, interpret):
   }
 
 
+def _mosaic_gpu_sweeps(dims, dtype, interpret):
+  """``mosaic_gpu.py``'s fwd and bwd kernels through its ``softmax(..., config=)``."""
+  from . import mosaic_gpu as mod
+  x = normal(jax.random.key(1), dims, dtype)
+  call = lambda a, config: mod.softmax(a, None, axis=(1,), scale=1.0, interpret=interpret,
+                                       config=config)
+  return fwd_bwd_sweeps("softmax.mosaic_gpu", dims, dtype, mod, call, (x,),
+                        normal(jax.random.key(2), dims, dtype))
+
+
 SPECS = {
     "softmax": OpSpec(
         "softmax", "RxC", 2, ("4096x1024", "4096x8192", "1024x50257"), tuple(IMPLEMENTATIONS),
@@ -43,5 +53,5 @@ SPECS = {
         bytes=lambda dims, dt, mode: (math.prod(dims) * itemsize(dt)
                                       * (5 if mode == "fwd_bwd" else 2)),
         size=lambda dims: math.prod(dims), size_doc="R*C", memory_bound=True,
-        tuning_problems=_tuning_problems),
+        tuning_problems=_tuning_problems, mosaic_gpu_sweeps=_mosaic_gpu_sweeps),
 }

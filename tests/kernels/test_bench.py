@@ -147,3 +147,98 @@ def test_bad_arguments(argv, message, capsys):
     main(argv)
   assert e.value.code == 2
   assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- gpu_report (CPU: dry run)
+
+def _jax_at_least_0_11():
+  import jax
+  return tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11)
+
+
+def test_gpu_report_dry_run_lists_the_plan(tmp_path, capsys):
+  """The dry run lists every op x implementation x shape x mode, lowers the Pallas kernels of
+  one op for cuda, runs its Mosaic GPU interpret numerics (or says JAX < 0.11 cannot) and
+  writes the plan; exit 0 on every JAX."""
+  rc = main(["gpu_report", f"--out={tmp_path}", "--dry_run", "--check_ops=rms_norm",
+             "--interpret_budget_s=40"])
+  text = capsys.readouterr().out
+  assert rc == 0
+  plan = (tmp_path / "gpu_report_plan.md").read_text()
+  for row in ("| attention | fwd | causal hd128 | 2x8192x16x128 | mosaic_gpu | TFLOP/s |",
+              "| attention | fwd_bwd | full hd64 | 1x16384x32x64 | cudnn | TFLOP/s |",
+              "| attention | fwd_bwd | causal hd128 | 32x512x16x128 | xla | TFLOP/s |",
+              "| softmax | fwd_bwd | - | 4096x50257 | mosaic_gpu | GB/s |",
+              "| layer_norm | fwd | - | 16384x4096 | triton | GB/s |",
+              "| rms_norm | fwd_bwd | - | 8192x12288 | xla | GB/s |",
+              "| linear_cross_entropy | fwd_bwd | - | 16384x2048x50257 | mosaic_gpu | "
+              "GB/s+TFLOP/s |"):
+    assert row in plan, row
+  lines = [json.loads(l) for l in (tmp_path / "gpu_report_plan.jsonl").read_text().splitlines()]
+  planned = [r for r in lines if r.get("plan")]
+  # attention: 6 seqs x 2 head dims x 2 masks x 2 modes x 4 impls; 4 memory ops x shapes x 2 x 3
+  assert len(planned) == 192 + (3 + 3 + 3 + 2) * 2 * 3 == 258
+  assert "plan: 258 cells" in text
+  lower = [r for r in lines if r.get("kind") == "lower"]
+  assert {(r["impl"], r["mode"]) for r in lower} == {
+      (i, m) for i in ("triton", "mosaic_gpu") for m in ("fwd", "fwd_bwd")}
+  assert all(r["status"] == "ok" for r in lower if r["impl"] == "triton"), lower
+  mgpu = [r for r in lower if r["impl"] == "mosaic_gpu"]
+  interp = [r for r in lines if r.get("kind") == "interpret"]
+  assert len(interp) == 1 and interp[0]["op"] == "rms_norm"
+  if _jax_at_least_0_11():
+    assert all(r["status"] == "ok" and r["kernels"] >= 1 and r["threads"][0] >= 128
+               for r in mgpu), mgpu
+    assert interp[0]["check"] in ("pass", "skip"), interp
+  else:
+    assert "Mosaic GPU rows need JAX >= 0.11" in plan
+    assert all(r["status"] == "n/a" and "JAX >= 0.11" in r["error"] for r in mgpu)
+    assert interp[0]["check"] == "n/a"
+
+
+def test_gpu_report_needs_a_gpu_without_dry_run(tmp_path, capsys):
+  assert main(["gpu_report", f"--out={tmp_path}"]) == 2
+  assert "--dry_run" in capsys.readouterr().err
+
+
+def test_gpu_report_tables():
+  """The report's markdown from measured cells (no GPU needed): values, % of the measured
+  ceilings, numbered notes for failures, the numerics marker."""
+  from llmx_kernels.bench import gpu_plan, gpu_tables
+  att = gpu_plan.Entry("attention", "mosaic_gpu", "fwd", gpu_plan.attention_dims(4096, 128), True)
+  xla = gpu_plan.Entry("attention", "xla", "fwd", att.dims, True)
+  sm = gpu_plan.Entry("softmax", "triton", "fwd_bwd", (8192, 8192))
+  ce = gpu_plan.Entry("linear_cross_entropy", "xla", "fwd", (8192, 1024, 32768))
+  ok = dict(status="ok", median_s=1e-3, compile_s=1.0, tflops=500.0, gbps=3000.0,
+            pct_matmul=62.5, pct_copy=75.0, check="pass")
+  att_fb = gpu_plan.Entry("attention", "mosaic_gpu", "fwd_bwd", att.dims, True)
+  cells = {att: dict(ok, check="FAIL", flops=1e12), xla: {"status": "error", "error": "OOM"},
+           sm: ok, ce: {"status": "skip", "error": "time budget"},
+           att_fb: dict(ok, median_s=6e-3, flops=3.5e12)}
+  checks = {("attention", "mosaic_gpu", att.variant, "fwd_bwd"): {"check": "FAIL",
+                                                                  "rel_err": 0.5,
+                                                                  "xla_bf16_rel_err": 0.004}}
+  md = "\n".join(gpu_tables.report_markdown(
+      [att, xla, att_fb, sm, ce], cells, checks, {"matmul_tflops": 800.0, "copy_gbps": 4000.0},
+      ["jax x"]))
+  assert "| 4096 | 128 | causal | 4x4096x16x128 | err[1] | - | - | 500.0 (62%) !num |" in md
+  assert "| softmax | fwd_bwd | 8192x8192 | - | 3000 (75%) | - |" in md
+  assert "| linear_cross_entropy | fwd | 8192x1024x32768 | skip (time) | - | - |" in md
+  # backward alone: (3.5 - 1) TFLOP / (6 - 1) ms = 500 TFLOP/s, 62% of 800
+  assert "| 4096 | 128 | causal | 4x4096x16x128 | - | - | - | 500.0 (62%) |" in md
+  assert "1. OOM" in md and "bf16 matmul 800.0 TFLOP/s, copy 4000 GB/s" in md
+  assert "| attention | causal hd128 | fwd_bwd | mosaic_gpu | 5.00e-01 | 4.00e-03 | FAIL |" in md
+
+
+def test_autotune_mosaic_gpu_writes_cache(tmp_path):
+  """The Mosaic GPU sweep (here in the GPU interpreter) records under the kernel's own key."""
+  cache = tmp_path / "c.json"
+  logs = []
+  winners = autotune_op("rms_norm", (64, 256), jnp.bfloat16, impl="mosaic_gpu", interpret=True,
+                        cache_path=cache, max_configs=1, warmup=0, reps=1, log=logs.append)
+  if not _jax_at_least_0_11():
+    assert winners == {} and "needs JAX >= 0.11" in logs[0]
+    return
+  assert set(winners) == {"rms_norm.mosaic_gpu.fwd", "rms_norm.mosaic_gpu.bwd"}, logs
+  keys = json.loads(cache.read_text())["entries"]
+  assert f"{autotune.device_kind()}|rms_norm.mosaic_gpu.fwd|64x256|bfloat16" in keys
