@@ -26,6 +26,9 @@ def main(argv):
   del argv
   if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
     raise corpus.DataError("give exactly one of --workdir (a run) or --checkpoint")
+  if _BATCH.value < 1 or _WINDOW.value < 0 or _WINDOW.value == 1:
+    raise corpus.DataError(f"--batch_size={_BATCH.value} must be >= 1 and --window="
+                           f"{_WINDOW.value} must be 0 (the model's context) or >= 2")
   if _CHECKPOINT.value:
     (model, tokenizer), step = pretrained.load(_CHECKPOINT.value), "pretrained"
     if not _DATA.value:

@@ -42,7 +42,7 @@ def main(argv):
     if ids.size == 0:
       raise inference.DecodingError(f"--prompt={text!r} is empty: give at least one character")
   result = inference.decode(model, prompts, stop_tokens=decoding_flags.stop_tokens(tokenizer),
-                            **options)
+                            on_token=decoding_flags.progress(options), **options)
   texts = [tokenizer.decode(row) for row in result.tokens]
   print(("\n" + "-" * 40 + "\n").join(texts), flush=True)
   print(f"generated {result.new_tokens} tokens for {len(prompts)} prompt(s) in "

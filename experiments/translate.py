@@ -22,6 +22,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder with checkpoints/.",
 _BLEU_SPLIT = flags.DEFINE_enum("bleu_split", "", ["", "test", "val"], "Instead of sentences: "
                                 "translate this split of the run's data and print its BLEU.")
 _BLEU_PAIRS = flags.DEFINE_integer("bleu_pairs", 0, "With --bleu_split: the first N pairs; 0: all.")
+_REPORT = flags.DEFINE_string("report", "", "With --bleu_split: also write the report as JSON "
+                              "here (the run folder is never written to).")
 
 
 def main(argv):
@@ -40,12 +42,12 @@ def main(argv):
   if _BLEU_SPLIT.value:
     pairs = getattr(setup.load_split(config), _BLEU_SPLIT.value)[:_BLEU_PAIRS.value or None]
     report, path = evaluate.split_bleu(model, tokenizer, pairs, step=step, split=_BLEU_SPLIT.value,
-                                       workdir=_WORKDIR.value,
+                                       out=_REPORT.value or None,
                                        batch_size=config.eval.decode_batch, **options)
     print(f"{report['split']} BLEU {report['bleu']:.2f} at step {step} ({report['pairs']} pairs, "
           f"beam {options['beam_size']}, length penalty {options['length_penalty']}, "
           f"{report['truncated']} truncated, {report['decode_seconds']:.0f} s); "
-          f"{report['signature']}; written to {path}", flush=True)
+          f"{report['signature']}" + (f"; written to {path}" if path else ""), flush=True)
     return
   translations, _ = evaluate.translate(model, tokenizer, sentences, **options)
   print("\n".join(translations), flush=True)

@@ -30,7 +30,7 @@ def test_pretrain_resume_then_finetune_from_it(tmp_path, corpus_file):
             f"--workdir={work}", f"--config.data.path={corpus_file}", "--config.data.vocab_size=120"]
   first = cli(*common, "--config.train.steps=10")
   assert "step 10: val_mlm_accuracy" in first.stdout and "unigram baseline" in first.stdout
-  second = cli(*common, "--config.train.steps=15")
+  second = cli(*common, "--config.train.steps=15", "--config.train.lr_decay_steps=10")
   assert "resumed" in second.stdout and "step 15" in second.stdout
   lines = [json.loads(l) for l in open(work / "metrics.jsonl")]
   assert [l["step"] for l in lines] == [5, 10, 15]

@@ -72,6 +72,17 @@ def test_minilm_reproduces_pytorch(folder, model, reference):
   assert cos[1, 2] > cos[1, 7] + 0.3
 
 
+def test_from_pretrained_is_ready_for_inference_without_any_extra_call(folder, reference):
+  """As transformers' from_pretrained: eval mode (dropout off) straight away."""
+  loaded = bert_hf.from_pretrained(folder)
+  enc = WordPieceTokenizer.from_folder(folder)(list(reference["sentences"]))
+  out = loaded(enc["input_ids"], attention_mask=enc["attention_mask"],
+               token_type_ids=enc["token_type_ids"])
+  real = reference["attention_mask"].astype(bool)
+  error = np.abs(np.asarray(out.last_hidden_state) - reference["last_hidden_state"])[real].max()
+  assert error < 1e-4, error
+
+
 def test_minilm_rejects_too_long_input(folder, model):
   tokenizer = WordPieceTokenizer.from_folder(folder)
   long = tokenizer(["word " * 600], max_length=1024)

@@ -14,7 +14,7 @@ def test_pretrain_resume_and_generate(tmp_path, data_dir):
             f"--config.data.path={data_dir / 'tinyshakespeare.txt'}"]
   first = cli(*common)
   assert "--- sample after step 20 ---" in first.stdout
-  second = cli(*common, "--config.train.steps=30")
+  second = cli(*common, "--config.train.steps=30", "--config.train.lr_decay_steps=20")
   assert "resumed" in second.stdout and "step 30" in second.stdout
   steps = [json.loads(l)["step"] for l in open(f"{work}/metrics.jsonl")]
   assert steps == [5, 10, 15, 20, 25, 30]

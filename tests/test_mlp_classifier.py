@@ -37,7 +37,8 @@ def test_entry_point_logs_prints_and_resumes(tmp_path):
   assert f"held-out accuracy {rows[-1]['val_accuracy']:.4f} (114 tumours)" in proc.stdout
 
   # The same command with more steps continues from the checkpoint at step 100.
-  proc = cli(*ENTRY, f"--workdir={tmp_path}", "--config.train.steps=200")
+  proc = cli(*ENTRY, f"--workdir={tmp_path}", "--config.train.steps=200",
+             "--config.train.lr_decay_steps=100")
   assert "resumed from" in proc.stdout and "at step 100" in proc.stdout
   rows = _metrics(tmp_path)
   steps = [r["step"] for r in rows]

@@ -240,7 +240,8 @@ def test_train_resume_and_translate(tmp_path, data_dir):
             "--config.data.max_train_len=12"]  # two batch shapes: fewer compilations
   first = cli(*common, "--config.train.steps=10")
   assert "test BLEU" in first.stdout and "step 10" in first.stdout
-  second = cli(*common, "--config.train.steps=12", "--config.eval.test=False")
+  second = cli(*common, "--config.train.steps=12", "--config.train.lr_decay_steps=10",
+               "--config.eval.test=False")
   assert "resumed" in second.stdout and "step 12" in second.stdout
   steps = [json.loads(line)["step"] for line in open(f"{work}/metrics.jsonl")]
   assert steps == [5, 10, 12]

@@ -46,6 +46,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       eval_every=250, eval_batches=20, checkpoint_every=500, log_every=50,
       max_checkpoints=3, seed=0,
   ))
+  # Resuming with another batch size is refused unless this is True (a deliberate change).
+  c.train.allow_batch_size_change = False
+  # The learning-rate schedule's length; 0: train.steps. Resuming with a larger train.steps keeps
+  # the saved length only when this says so (the run is refused otherwise).
+  c.train.lr_decay_steps = 0
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
   if variant in (None, ""):

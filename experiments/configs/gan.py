@@ -56,6 +56,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       eval_every=2500, checkpoint_every=2500, log_every=500, max_checkpoints=2, seed=0,
   ))
   c.eval = ml_collections.ConfigDict(dict(num_samples=2500, seed=1234))
+  # Resuming with another batch size is refused unless this is True (a deliberate change).
+  c.train.allow_batch_size_change = False
+  # The learning-rate schedule's length; 0: train.steps. Resuming with a larger train.steps keeps
+  # the saved length only when this says so (the run is refused otherwise).
+  c.train.lr_decay_steps = 0
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
   if variant in (None, "", "grid"):

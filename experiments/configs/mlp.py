@@ -41,5 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
   ))
   # Devices: data x fsdp x tensor = all devices (one size -1: the rest). fsdp > 1 shards params and
   # optimizer state (FSDP), tensor > 1 also splits the big matrices (tensor parallelism).
+  # Resuming with another batch size is refused unless this is True (a deliberate change).
+  c.train.allow_batch_size_change = False
+  # The learning-rate schedule's length; 0: train.steps. Resuming with a larger train.steps keeps
+  # the saved length only when this says so (the run is refused otherwise).
+  c.train.lr_decay_steps = 0
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

@@ -50,6 +50,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       )),
   ))
   c.eval = ml_collections.ConfigDict(dict(batch_size=8, samples=4, max_new_tokens=48))
+  # Resuming with another batch size is refused unless this is True (a deliberate change).
+  c.train.allow_batch_size_change = False
+  # The learning-rate schedule's length; 0: train.steps. Resuming with a larger train.steps keeps
+  # the saved length only when this says so (the run is refused otherwise).
+  c.train.lr_decay_steps = 0
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
   if variant in (None, ""):

@@ -126,10 +126,34 @@ def load(model, entries: Sequence[Entry], infos: dict[str, safetensors.TensorInf
   arrays = safetensors.read_tensors(infos[n] for e in entries for n in e.hf)
   for e in entries:
     variable = variable_at(model, e.path)
-    value = e.transform.to_model(*(arrays[infos[n].name] for n in e.hf))
+    tensors = [arrays[infos[n].name] for n in e.hf]
+    for name, tensor in zip(e.hf, tensors):
+      check_finite(tensor, name, infos[name].file)
+    value = e.transform.to_model(*tensors)
     if value.shape != variable.shape:  # a wrong table, not a wrong checkpoint: shapes were checked
       raise ValueError(f"name map for {e.hf} gives {value.shape}, the variable is {variable.shape}")
     variable[...] = jnp.asarray(value, variable.dtype)
+
+
+def check_finite(tensor: np.ndarray, name: str, file) -> None:
+  """A weight holding NaN or Inf is refused, naming the tensor and its file (it would make every
+  output NaN, far from the cause)."""
+  if not np.isfinite(np.asarray(tensor, np.float32)).all():
+    raise CheckpointFormatError(f"{file}: tensor {name!r} holds NaN or Inf values")
+
+
+def build_and_load(build: Callable, entries_of: Callable, infos: dict, *, source):
+  """`build()` filled from the checkpoint: the name map is checked against the headers on the
+  abstract model first (`nnx.eval_shape`, no memory), so a config.json whose sizes do not match
+  the tensors is refused before any parameter is allocated. entries_of(model) -> the Entries."""
+  from flax import nnx
+  abstract = nnx.eval_shape(build)
+  problems = check(abstract, entries_of(abstract), infos)
+  if problems:
+    raise CheckpointFormatError(f"{source} does not match its config.json: {'. '.join(problems)}")
+  model = build()
+  load(model, entries_of(model), infos, source=source)
+  return model
 
 
 def export(model, entries: Sequence[Entry], *, dtype=None) -> dict[str, np.ndarray]:

@@ -73,3 +73,28 @@ def stop_tokens(tokenizer, flag_values=None) -> tuple[int, ...]:
                           f"tokenizer; a stop must be exactly one token")
     ids.append(int(encoded[0]))
   return tuple(ids)
+
+
+# Generations longer than this report their progress on stderr while they run.
+PROGRESS_FROM_TOKENS = 1024
+
+
+def progress(options: dict, every_s: float = 5.0):
+  """An `on_token` callback that prints `generated N / M tokens` to stderr every `every_s`
+  seconds, for long generations (None for short ones and beam search, which settles its tokens
+  only at the end)."""
+  import sys
+  import time
+  total = options["max_new_tokens"]
+  if total < PROGRESS_FROM_TOKENS or options.get("beam_size", 1) > 1:
+    return None
+  state = dict(count=0, last=time.perf_counter())
+
+  def on_token(tokens, active):
+    del tokens, active
+    state["count"] += 1
+    now = time.perf_counter()
+    if now - state["last"] >= every_s:
+      state["last"] = now
+      print(f"generated {state['count']:,} / {total:,} tokens", file=sys.stderr, flush=True)
+  return on_token

@@ -38,6 +38,10 @@ def _is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+# One call's cap on new tokens: 1e8 tokens would run for days with nothing to show.
+MAX_NEW_TOKENS = 1 << 16
+
+
 def check_options(*, max_new_tokens: int, max_length: int | None = None,
                   temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, min_p: float | None = None,
@@ -47,6 +51,10 @@ def check_options(*, max_new_tokens: int, max_length: int | None = None,
   del early_stopping, seed
   if not _is_int(max_new_tokens) or max_new_tokens < 0:
     raise DecodingError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
+  if max_new_tokens > MAX_NEW_TOKENS:
+    raise DecodingError(f"max_new_tokens={max_new_tokens}: at most {MAX_NEW_TOKENS:,} per call "
+                        f"(beyond the context the window slides, one full forward pass per "
+                        f"token); generate in pieces")
   if max_length is not None and (not _is_int(max_length) or max_length <= 0):
     raise DecodingError(f"max_length={max_length!r}: must be an integer > 0, or None for no limit")
   if not temperature >= 0:
@@ -119,7 +127,11 @@ def decode(model: nnx.Module, prompts, *, inputs: tuple = (), max_new_tokens: in
                 top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                 beam_size=beam_size, length_penalty=length_penalty)
   context = model.max_decode_len
-  batch, lengths = pad_prompts(prompts, context)
+  vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+  batch, lengths = pad_prompts(prompts, context, vocab)
+  if max_length is not None and max_length < lengths.max():
+    raise DecodingError(f"max_length={max_length} is shorter than the longest prompt "
+                        f"({int(lengths.max())} tokens): it counts the prompt too")
   if pad_to > 1:
     width = min(context, -(-batch.shape[1] // pad_to) * pad_to)
     batch = np.pad(batch, ((0, 0), (0, width - batch.shape[1])))

@@ -21,8 +21,11 @@ def prompt_list(prompts) -> tuple[list, bool]:
   return [np.asarray(p) for p in prompts], False
 
 
-def pad_prompts(prompts, context: int) -> tuple[np.ndarray, np.ndarray]:
-  """Prompts (see prompt_list) -> (int32 [rows, P] right-padded with 0, lengths int32 [rows])."""
+def pad_prompts(prompts, context: int, vocab_size: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts (see prompt_list) -> (int32 [rows, P] right-padded with 0, lengths int32 [rows]).
+  vocab_size: token ids must lie in [0, vocab_size) (an id outside would read past the embedding
+  table: NaN or zero logits, silently)."""
   prompts, _ = prompt_list(prompts)
   if not prompts:
     raise DecodingError("prompts: need at least one prompt")
@@ -30,6 +33,10 @@ def pad_prompts(prompts, context: int) -> tuple[np.ndarray, np.ndarray]:
     if p.ndim != 1 or p.size == 0 or not np.issubdtype(p.dtype, np.integer):
       raise DecodingError(f"prompt {i}: need a non-empty 1-D array of token ids, got shape "
                           f"{p.shape} dtype {p.dtype}")
+    if vocab_size is not None and (p.min() < 0 or p.max() >= vocab_size):
+      bad = int(p[(p < 0) | (p >= vocab_size)][0])
+      raise DecodingError(f"prompt {i} holds token id {bad}, outside the model's vocabulary "
+                          f"[0, {vocab_size})")
     if p.size > context:
       raise DecodingError(f"prompt {i} has {p.size} tokens, longer than the model's context of "
                           f"{context} tokens: shorten the prompt")

@@ -9,9 +9,13 @@ reported, moved to `DIR/damaged_checkpoints/`, and the step before it is used: n
 from inside orbax, never a silent partial load.
 
 Every process calls save and restore (orbax coordinates the writes: each process writes its own
-shards, process 0 the metadata); the data iterator's position is stored per process.
+shards, process 0 the metadata); the data iterator's position is stored per process, and also in
+the integrity record, so a data position that reads back changed is caught like a changed array.
+A save that fails because the disk is full is one line naming the last good checkpoint.
 """
+import errno
 import functools
+import json
 import logging
 import pathlib
 import shutil
@@ -30,6 +34,17 @@ log = logging.getLogger("llmx")
 
 class CheckpointError(LlmxError, RuntimeError):
   pass
+
+
+def _disk_full(e: BaseException) -> bool:
+  """Whether `e` (or what caused it, inside orbax's and tensorstore's wrappers) is ENOSPC."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def _is_key(x) -> bool:
@@ -116,15 +131,18 @@ class Checkpointer:
   max_to_keep: the newest steps kept. best_metric: also keep the step with the best value of this
   metric (e.g. "val_loss", passed to `save`), `best_mode` "min" or "max". clean_up_unfinished:
   remove the temporary folders of saves that never finished (only the run that writes here may:
-  a reader would delete a save in progress).
+  a reader would delete a save in progress). read_only: for inference and evaluation tools: the
+  folder is neither created nor changed (a damaged step is skipped, not moved aside).
   """
 
   def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 3,
                async_save: bool = True, best_metric: str | None = None, best_mode: str = "min",
-               clean_up_unfinished: bool = False):
+               clean_up_unfinished: bool = False, read_only: bool = False):
     if best_mode not in ("min", "max"):
       raise ValueError(f"best_mode={best_mode!r}: must be 'min' or 'max'")
     self.directory = pathlib.Path(directory).absolute()
+    self.read_only = read_only
+    self._pending = None  # the step of the save in flight, for the disk-full message
     self.best_metric = best_metric
     policy = None
     if best_metric:
@@ -142,8 +160,9 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, preservation_policy=policy,
-            enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=clean_up_unfinished))
+            enable_async_checkpointing=async_save and not self.read_only,
+            create=not self.read_only, read_only=self.read_only,
+            cleanup_tmp_directories=clean_up_unfinished and not self.read_only))
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -163,14 +182,23 @@ class Checkpointer:
     logged metrics, for keeping the best checkpoint."""
     storable = _to_storable(state)
     integrity = dict(fingerprints=fingerprints(storable), process_count=jax.process_count())
+    if data_iterator is not None:
+      integrity["data_position"] = data_iterator.get_state()  # the same on every process
     items = dict(state=ocp.args.StandardSave(storable), meta=ocp.args.JsonSave(meta),
                  integrity=ocp.args.JsonSave(integrity))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if self.best_metric and not (metrics and self.best_metric in metrics):
       metrics = None  # only steps that have the metric compete for "best"
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True,
-                       metrics={k: float(v) for k, v in metrics.items()} if metrics else None)
+    good = [s for s in self.steps() if s != step]
+    try:
+      self.wait()  # the previous save's failure (async) surfaces here, with its own step
+      self._pending = step
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True,
+                         metrics={k: float(v) for k, v in metrics.items()} if metrics else None)
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
+      self._raise_if_disk_full(e, good)
+      raise
 
   def restore(self, abstract_state, data_iterator: grain.DatasetIterator | None = None):
     """Newest readable checkpoint as (step, state, meta), or None when there is none.
@@ -191,7 +219,8 @@ class Checkpointer:
                   "using the one before it", step, self.directory, type(e).__name__, _first_line(e))
         damaged.append(step)
         continue
-      self._move_aside(damaged)
+      if not self.read_only:
+        self._move_aside(damaged)
       return restored
     if steps:
       raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} could be read; "
@@ -220,6 +249,11 @@ class Checkpointer:
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(storable)[0]]
         raise CheckpointError(f"the arrays {', '.join(paths[i] for i in bad[:5])} do not match the "
                               f"fingerprints written with them")
+    saved_position = restored["integrity"].get("data_position") if has_integrity else None
+    if same_processes and saved_position is not None and (
+        json.loads(json.dumps(data_iterator.get_state())) != saved_position):
+      raise CheckpointError(f"the data position {data_iterator.get_state()} does not match the "
+                            f"one recorded with the checkpoint ({saved_position})")
     if data_iterator is not None and not same_processes:
       # Written by another number of processes: batches are indexed by step, so the position is
       # the step (the per-process rows follow from this run's process count).
@@ -246,12 +280,26 @@ class Checkpointer:
     self._manager.close()
     self._manager = self._open(*self._options)
 
+  def _raise_if_disk_full(self, e: BaseException, good: list[int]):
+    if _disk_full(e):
+      last = f"step {good[-1]}" if good else "none"
+      raise CheckpointError(
+          f"disk full while writing checkpoint {self._pending} to {self.directory}; the last good "
+          f"checkpoint is {last}. Free space, then re-run the same command to resume from it"
+      ) from None
+
   def wait(self):
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
+      self._raise_if_disk_full(e, [s for s in self.steps() if s != self._pending])
+      raise
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def _first_line(e: Exception) -> str:

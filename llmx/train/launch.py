@@ -51,13 +51,41 @@ def _define_distributed_flags():
                     "is detected; on: always call jax.distributed.initialize(); off: never.")
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with a bad `--config.*` override (a misspelt field, a value of the
+  wrong type) reported as one line and exit status 2 instead of a traceback from inside
+  ml_collections."""
+  from absl import app, flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # absl's own: unknown flag, missing --workdir, ...
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    print(f"Try --helpfull to list the flags of {argv[0]}", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    # ml_collections' message is the repr of a KeyError: "'\\'setps\\'\\nDid you mean ...'".
+    message = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip("'\" ")
+    if isinstance(e, (AttributeError, KeyError)):
+      import re
+      field = re.match(r"\W*(\w+)", message)
+      hint = re.search(r"Did you mean \"(\w+)\"", message)
+      message = (f"the config has no field {field.group(1)!r}" if field else message) + (
+          f"; did you mean {hint.group(1)!r}?" if hint else "")
+    print(f"error: {' '.join(bad) or 'the --config file'}: {' '.join(message.split())}",
+          file=sys.stderr, flush=True)
+    sys.exit(2)
+  del app
+
+
 def run(main, *, distributed: bool = True):
   """absl's app.run(main) after the process settings, with errors a user can fix (LlmxError)
-  printed as one line and exit status 2. distributed: join the multi-process run the flags (or
-  the cluster) describe before main; read-only tools that run alone pass False."""
+  printed as one line and the error's exit status (2 for a usage error, 143 for a preempted and
+  saved run). distributed: join the multi-process run the flags (or the cluster) describe before
+  main; read-only tools that run alone pass False."""
   from absl import app, flags
 
-  from llmx.errors import LlmxError
+  from llmx.errors import LlmxError, Preempted
   keep_freed_memory()
   if distributed:
     _define_distributed_flags()
@@ -71,8 +99,11 @@ def run(main, *, distributed: bool = True):
                         process_id=f.process_id, mode=f.distributed)
       setup_logging()
       return main(argv)
+    except Preempted as e:
+      print(f"preempted: {e}", file=sys.stderr, flush=True)
+      sys.exit(e.exit_code)
     except LlmxError as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
+      sys.exit(e.exit_code)
 
-  app.run(checked_main)
+  app.run(checked_main, flags_parser=parse_flags)

@@ -98,7 +98,9 @@ def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches
           workdir: str, meta: dict, options: LoopOptions, mesh: jax.sharding.Mesh | None = None,
           schedule: Callable[[int], float] | None = None,
           on_eval: Callable[[nnx.Module, int], dict] | None = None,
-          rules: dict | None = None) -> TrainResult:
+          rules: dict | None = None,
+          resume_hints: Callable[[list[str]], str] | None = None,
+          may_change: tuple[str, ...] = ()) -> TrainResult:
   """Trains for `options.steps` steps, resuming from `workdir/checkpoints` if present.
 
   meta: JSON-serialisable run description saved with every checkpoint. Its `must_match` entry
@@ -110,6 +112,8 @@ def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches
     (default: sharding.RULES for the mesh's strategy).
   schedule: the learning-rate schedule, logged as `learning_rate`.
   on_eval(model, step): extra evaluation metrics, computed at each evaluation.
+  resume_hints(differences): advice appended to the error when meta["must_match"] differs.
+  may_change: dotted names in meta["must_match"] (e.g. "train.batch_size") left out of that check.
 
   The state is created already sharded (`jax.eval_shape(init)`, then `jax.jit(init,
   out_shardings=...)`), or restored onto this mesh whatever mesh saved it. Every process runs
@@ -119,22 +123,23 @@ def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches
   ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", max_to_keep=options.max_to_keep,
                       best_metric=options.best_metric or None, best_mode=options.best_mode,
                       clean_up_unfinished=True)
+  abstract_state = jax.eval_shape(trainable.init)
+  checkpointed = lambda tree: {k: v for k, v in tree.items() if k not in trainable.unsaved}
+  meta = dict(meta, state_structure=state_structure(checkpointed(abstract_state)))
   saved_meta = ckpt.latest_meta()
   if saved_meta is not None:
-    diffs = config_differences(saved_meta.get("must_match", {}), meta.get("must_match", {}))
-    if diffs:
+    try:
+      check_resumable(saved_meta, meta, workdir, resume_hints, may_change)
+    except ConfigError:
       ckpt.close()
-      raise ConfigError(f"{workdir} holds a checkpoint made by an incompatible config; "
-                        f"differences: {'; '.join(diffs)}. Use another --workdir or the old config.")
+      raise
 
   replicated = mesh_lib.replicated(mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  abstract_state = jax.eval_shape(trainable.init)
   state_sharding = sharding_lib.state_shardings(abstract_state, mesh, rules)
 
   data_iter = iter(train_batches)
   start_step = 0
-  checkpointed = lambda tree: {k: v for k, v in tree.items() if k not in trainable.unsaved}
   try:
     restored = ckpt.restore(sharding_lib.with_shardings(checkpointed(abstract_state),
                                                         checkpointed(state_sharding)),
@@ -183,10 +188,13 @@ def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches
   def check_finite():
     bad = int(state["nonfinite_step"])
     if bad >= 0:
+      saved = ckpt.steps()
+      last = (f"the last good checkpoint is step {saved[-1]} in {ckpt.directory}" if saved else
+              "no checkpoint was saved")
       raise NonFiniteLossError(
-          f"the training loss became NaN or Inf at step {bad}; stopping without saving over the "
-          f"last good checkpoint (steps {ckpt.steps()} in {ckpt.directory}). Lower "
-          f"train.learning_rate or check the data.")
+          f"the training loss or the updated parameters became NaN or Inf at step {bad}; stopped "
+          f"without saving that state ({last}). Lower train.learning_rate, set train.grad_clip "
+          f"or check the data.")
 
   def save(step, logged):
     check_finite()
@@ -242,6 +250,45 @@ def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches
       writer.close()
   return TrainResult(model=trainable.model_of(state), state=state, step=step, history=history,
                      preempted=preempted)
+
+
+def state_structure(abstract_state) -> dict:
+  """The checkpointed state's layout: how many arrays, and a digest of their paths, shapes and
+  dtypes. A config change that reshapes it (the optimizer, grad_clip on or off, the model) makes
+  the saved checkpoints unreadable by this run, which is a config error, not damage."""
+  import hashlib
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+  text = "\n".join(f"{jax.tree_util.keystr(p)} {tuple(x.shape)} {x.dtype}" for p, x in leaves)
+  return dict(arrays=len(leaves), sha256=hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+def check_resumable(saved: dict, meta: dict, workdir: str, hints=None, may_change=()):
+  """Raises a ConfigError naming what changed when this run cannot resume the saved one."""
+  def pinned(must_match: dict, keep) -> dict:
+    out = {}
+    for key, value in must_match.items():
+      if not keep(key):
+        continue
+      if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if f"{key}.{k}" not in may_change}
+      out[key] = value
+    return out
+  saved_pins = pinned(saved.get("must_match", {}), lambda k: True)
+  # Entries a checkpoint written before they existed lacks are not compared.
+  current = pinned(meta.get("must_match", {}), lambda k: k in saved_pins)
+  diffs = config_differences(saved_pins, current)
+  if diffs:
+    hint = hints(diffs) if hints else ""
+    raise ConfigError(f"{workdir} holds a checkpoint made by an incompatible config; differences: "
+                      f"{'; '.join(diffs)}. {hint + '. ' if hint else ''}Use another --workdir or "
+                      f"the old config.")
+  if "state_structure" in saved and saved["state_structure"] != meta["state_structure"]:
+    changed = config_differences(saved.get("config", {}), meta.get("config", {}))
+    raise ConfigError(
+        f"the checkpoints in {workdir} hold a train state of another structure "
+        f"({saved['state_structure']['arrays']} arrays saved, {meta['state_structure']['arrays']} "
+        f"now): the config changed in {'; '.join(changed[:8]) if changed else 'no field the run saved'}"
+        f". The checkpoints are intact: re-run with the saved values or use another --workdir.")
 
 
 def _fmt(v: float) -> str:

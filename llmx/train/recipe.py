@@ -25,6 +25,7 @@ class Experiment:
   meta: dict                             # saved with each checkpoint; meta["must_match"] must match to resume
   schedule: Callable[[int], float] | None = None       # the learning rate, logged as learning_rate
   evaluate: Callable[[nnx.Module, int], dict] | None = None  # (eval-mode model, step) -> metrics
+  eval_metrics: tuple[str, ...] = ()     # the names `evaluate` returns (for train.keep_best_metric)
   tokens_per_step: int = 0               # for tokens/s
   flops_per_step: float = 0.0            # for MFU
   rules: dict | None = None              # logical axis -> mesh axis, when not the mesh's default

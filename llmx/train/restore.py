@@ -21,7 +21,7 @@ def for_inference(workdir: str, trainable_from_meta: Callable[[dict], Trainable]
   directory = pathlib.Path(workdir) / "checkpoints"
   if not directory.is_dir():
     raise ConfigError(f"--workdir={workdir!r}: no checkpoints folder at {directory}")
-  ckpt = Checkpointer(directory, async_save=False)
+  ckpt = Checkpointer(directory, async_save=False, read_only=True)
   try:
     meta = ckpt.latest_meta()
     if meta is None:

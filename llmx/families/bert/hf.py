@@ -14,7 +14,7 @@ from flax import nnx
 
 from llmx.families.bert.model import BertConfig, BertForPreTraining, BertModel
 from llmx.formats import CheckpointFormatError, hf
-from llmx.formats.name_map import TRANSPOSE, Entry, concat, export, load
+from llmx.formats.name_map import TRANSPOSE, Entry, build_and_load, concat, export
 
 log = logging.getLogger("llmx")
 
@@ -142,11 +142,12 @@ def from_pretrained(path, *, with_pretraining_heads: bool = False, attention_imp
       log.info("from_pretrained: %d head weights not loaded (%s...)", len(skipped), skipped[0])
     infos = {k: v for k, v in infos.items() if not k.startswith("cls.")}
 
-  rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-  model = BertModel(config, rngs=rngs)
-  if with_pretraining_heads:
-    model = BertForPreTraining(model, rngs=rngs)
-  load(model, entries(model), infos, source=folder)
+  def build():
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    model = BertModel(config, rngs=rngs)
+    return BertForPreTraining(model, rngs=rngs) if with_pretraining_heads else model
+
+  model = build_and_load(build, entries, infos, source=folder)
   model.eval()
   return model
 

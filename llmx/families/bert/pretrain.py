@@ -83,7 +83,7 @@ def saved_meta(workdir: str) -> dict | None:
   directory = pathlib.Path(workdir) / "checkpoints"
   if not directory.is_dir():
     return None
-  ckpt = Checkpointer(directory, async_save=False)
+  ckpt = Checkpointer(directory, async_save=False, read_only=True)
   try:
     return ckpt.latest_meta()
   finally:

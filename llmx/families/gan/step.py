@@ -84,10 +84,12 @@ def adversarial(gan: gan_lib.GAN, g_tx: optax.GradientTransformation,
     d_total = jnp.mean(d_aux.pop("d_total"))
     metrics = {k: jnp.mean(v) for k, v in d_aux.items() if use_gp or k != "gradient_penalty"}
     metrics.update(g_loss=g_loss, g_grad_norm=optax.tree.norm(g_grads))
-    new_state = dict(g_params=optax.apply_updates(state["g_params"], updates), g_rest=g_rest,
+    new_g_params = optax.apply_updates(state["g_params"], updates)
+    new_state = dict(g_params=new_g_params, g_rest=g_rest,
                      g_opt_state=g_opt_state, d_params=new_d_params, d_opt_state=d_opt_state,
                      step=state["step"] + 1,
-                     nonfinite_step=track_nonfinite(state, d_total + g_loss))
+                     nonfinite_step=track_nonfinite(state, d_total + g_loss, new_g_params,
+                                                    new_d_params))
     return new_state, metrics
 
   def eval_step(state, batch):

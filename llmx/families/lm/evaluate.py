@@ -48,6 +48,11 @@ def total_nats(model, tokens: np.ndarray, block_size: int, batch_size: int) -> t
 def perplexity(model, tokenizer, text: str, *, batch_size: int, window: int | None = None) -> dict:
   """-> {characters, tokens, block_size, loss (nats/token), perplexity, bits_per_token,
   bits_per_char} of `model` on `text`, in windows of `window` tokens (None: the model's context)."""
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1 (windows per pass)")
+  if window is not None and (not isinstance(window, int) or window < 2):
+    raise ValueError(f"window={window!r}: must be an integer >= 2 tokens, or None for the "
+                     f"model's context")
   tokens = tokenizer.encode(text)
   block_size = min(window or model.config.block_size, model.config.block_size)
   nats, predicted = total_nats(model, tokens, block_size, batch_size)

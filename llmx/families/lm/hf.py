@@ -12,7 +12,7 @@ from flax import nnx
 
 from llmx.families.lm.model import GPT, GPTConfig
 from llmx.formats import CheckpointFormatError, hf
-from llmx.formats.name_map import TRANSPOSE, Entry, export, load, variable_at
+from llmx.formats.name_map import TRANSPOSE, Entry, build_and_load, export, variable_at
 
 ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True, "gelu": False}
 
@@ -91,8 +91,8 @@ def from_pretrained(path, *, seed: int = 0, **overrides) -> GPT:
            for k, v in infos.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
   if config.tie_embeddings:
     infos.pop("lm_head.weight", None)
-  model = GPT(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-  load(model, entries(config), infos, source=folder)
+  model = build_and_load(lambda: GPT(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1)),
+                         lambda _: entries(config), infos, source=folder)
   model.eval()
   return model
 

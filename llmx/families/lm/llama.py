@@ -20,7 +20,8 @@ from flax import nnx
 from llmx.families.lm.model import GPT, GPTConfig
 from llmx.formats import CheckpointFormatError, hf
 from llmx.formats.gguf import GGUFFile
-from llmx.formats.name_map import TRANSPOSE, Entry, Transform, concat, export, load, variable_at
+from llmx.formats.name_map import (TRANSPOSE, Entry, Transform, check_finite, concat, export, load,
+                                    variable_at)
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2"}
@@ -262,7 +263,10 @@ def from_gguf(f: GGUFFile, *, seed: int = 0, **overrides) -> GPT:
   model = GPT(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
   for e in table:
     variable = variable_at(model, e.path)
-    variable[...] = jnp.asarray(e.transform.to_model(*(f.tensor(n) for n in e.hf)), variable.dtype)
+    tensors = [f.tensor(n) for n in e.hf]
+    for name, tensor in zip(e.hf, tensors):
+      check_finite(tensor, name, f.path)
+    variable[...] = jnp.asarray(e.transform.to_model(*tensors), variable.dtype)
   model.eval()
   return model
 

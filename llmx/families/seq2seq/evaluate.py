@@ -111,16 +111,18 @@ def report_test_bleu(c, tokenizer, test_pairs, result, *, workdir: str, n_params
         f"{result.step}; {signature}\n{examples}", flush=True)
 
 
-def split_bleu(model, tokenizer, pairs, *, step: int, split: str, workdir: str, batch_size: int,
-               **options) -> tuple[dict, pathlib.Path]:
-  """BLEU on (source, reference) `pairs` of the run's `split`, written to
-  WORKDIR/<split>_bleu_step<step>.json -> (report, its path)."""
+def split_bleu(model, tokenizer, pairs, *, step: int, split: str, batch_size: int,
+               out: str | None = None, **options) -> tuple[dict, pathlib.Path | None]:
+  """BLEU on (source, reference) `pairs` of the run's `split` -> (report, the JSON file it was
+  written to: `out`, or None when not given; a read-only tool writes nothing into the run)."""
   start = time.perf_counter()
   hyps, truncated = translate(model, tokenizer, [p[0] for p in pairs], truncate=True,
                               batch_size=batch_size, **options)
   score, signature = bleu_with_signature(hyps, [p[1] for p in pairs])
   report = dict(step=step, split=split, bleu=score, pairs=len(pairs), truncated=truncated,
                 decode_seconds=time.perf_counter() - start, signature=signature, **options)
-  path = pathlib.Path(workdir, f"{split}_bleu_step{step}.json")
-  path.write_text(json.dumps(report, indent=2) + "\n")
+  path = None
+  if out:
+    path = pathlib.Path(out)
+    path.write_text(json.dumps(report, indent=2) + "\n")
   return report, path
