@@ -7,6 +7,8 @@ MFU divides the analytic model FLOPs (6N + attention, per token) by the step tim
 `--peak_tflops` if given (a GPU or TPU's spec sheet), else the measured rate of a large float32
 matmul on this machine, so CPU figures are against what the cores really reach. Runs several
 rounds and reports the median, since a shared machine drifts by tens of percent within minutes.
+The step runs sharded over the config's mesh (`--config.mesh.context=4`: context parallelism),
+and the compiled step's memory per device is printed.
 """
 import statistics
 
@@ -21,6 +23,7 @@ from llmx.families.lm import model as gpt, recipe
 from llmx.nn.params import num_params
 from llmx.train import bench, metrics as metrics_lib
 from llmx.train.launch import run
+from llmx.train.mesh import mesh_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/lm.py:nanogpt_baby",
                                           "LM config.")
@@ -36,20 +39,25 @@ def main(argv):
   recipe.validate(c)
   _, train_tokens, _ = recipe.load_tokens(c)
   gpt_config = recipe.model_config(c, vocab_size=int(train_tokens.max()) + 1)
-  trainable, _ = recipe.trainable(c, gpt_config)
+  mesh = mesh_from_config(c.mesh)  # context > 1: the sequence split over devices
+  trainable, _ = recipe.trainable(c, gpt_config, mesh)
   data = lm_batches(train_tokens, block_size=c.model.block_size, batch_size=c.train.batch_size, seed=0)
   round_ms, metrics = bench.time_train_step(trainable, [data[i] for i in range(8)],
-                                            steps=_STEPS.value, rounds=_ROUNDS.value)
+                                            steps=_STEPS.value, rounds=_ROUNDS.value, mesh=mesh)
+  memory = bench.step_memory(trainable, data[0], mesh)
   ms = statistics.median(round_ms)
   n_params = num_params(nnx.eval_shape(lambda: recipe.build_model(gpt_config, 0)), skip=("wpe",))
+  n_active = recipe.active_params(gpt_config, n_params)  # MoE: the experts a token uses
   tokens = c.train.batch_size * c.model.block_size
-  flops = tokens * gpt.flops_per_token(gpt_config, n_params, c.model.block_size)
+  flops = tokens * gpt.flops_per_token(gpt_config, n_active, c.model.block_size)
   peak = _PEAK.value * 1e12 if _PEAK.value else metrics_lib.peak_flops(jax.devices())
   peak_kind = ("given peak" if _PEAK.value else
                "measured f32 matmul" if jax.devices()[0].platform == "cpu" else "spec sheet peak")
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}")
-  print(f"model: {n_params / 1e6:.2f}M params, batch {c.train.batch_size} x {c.model.block_size} "
+  print(f"model: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active), batch {c.train.batch_size} x {c.model.block_size} "
         f"tokens, {c.model.dtype}, remat {c.model.remat}, {c.train.grad_accum_steps} micro-batches")
+  print(f"mesh:             {dict(mesh.shape)}; per device: temp {memory['temp'] / 2**20:.1f} MiB, "
+        f"peak {memory['peak'] / 2**20:.1f} MiB")
   print(f"rounds (ms/step): {', '.join(f'{r:.1f}' for r in round_ms)}")
   print(f"ms/step (median): {ms:.2f}")
   print(f"tokens/s:         {tokens / ms * 1e3:,.0f}")

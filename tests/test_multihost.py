@@ -74,7 +74,7 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path, data_di
   out_single, out0, out1 = (finish(p, n) for p, n in zip(procs, ("1 process", "process 0", "process 1")))
 
   assert "8 devices in 1 processes" in out_single
-  assert "8 devices in 2 processes" in out0 and "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in out0
+  assert "8 devices in 2 processes" in out0 and "mesh {'data': 2, 'fsdp': 4, 'expert': 1, 'context': 1, 'tensor': 1}" in out0
   # Coordinated output: process 1 neither logs progress nor samples; process 0 samples once.
   assert "step 20 |" in out0 and "step" not in out1 and "--- sample" not in out1
   assert out0.count("--- sample after step 20 ---") == 1

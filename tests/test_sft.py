@@ -87,7 +87,7 @@ def test_lora_learns_trains_only_adapters_resumes_and_exports(base, tmp_path):
   ids = jnp.asarray([[5, 9, 17, 3, 40, 41]])
   np.testing.assert_allclose(np.asarray(exported(ids)), np.asarray(result.model(ids)), atol=1e-5)
   # Resume: ten more steps continue from step 30; the base loss is not evaluated again.
-  c.train.steps = 40
+  c.train.update(steps=40, lr_decay_steps=30)  # the schedule keeps its length
   again = run.train(sft.FINETUNE, c, str(tmp_path))
   steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert steps.count(0) == 1 and steps[-1] == 40 and again.history[0]["step"] == 35

@@ -90,8 +90,8 @@ def test_nan_loss_stops_before_overwriting_the_last_good_checkpoint(tmp_path):
   run(tmp_path, 4)
   good = Checkpointer(tmp_path / "checkpoints").restore(
       jax.eval_shape(make_trainable()[0].init))
-  # lr=NaN poisons the parameters at step 5: caught there (its loss was still finite).
-  with pytest.raises(loop.NonFiniteLossError, match="NaN or Inf at step 5"):
+  # lr=NaN poisons the parameters at step 5, so the loss of step 6 is the first NaN.
+  with pytest.raises(loop.NonFiniteLossError, match="NaN or Inf at step 6"):
     run(tmp_path, 12, lr=float("nan"))
   ckpt = Checkpointer(tmp_path / "checkpoints")
   assert ckpt.steps() == [4]

@@ -25,8 +25,24 @@ Variants:
                 twin at the same size and steps: 2.54); see results/llama_tiny.md.
     python -m experiments.pretrain_lm --config=experiments/configs/lm.py:llama_tiny \
         --config.data.path=$LLMX_DATA_DIR/tinyshakespeare.txt --workdir=/tmp/llama_tiny
+  moe_tiny      llama_tiny's model with every MLP a mixture of 8 SwiGLU experts of hidden 192,
+                top-2 softmax routing, dropless: as many active parameters per token as its dense
+                twin `moe_tiny_dense` (llama_tiny, SwiGLU hidden 384); 3.09M parameters in all,
+                1.32M active. Both 400 steps (warm-up 40, cosine to 1e-4 at 400), batch 16 x 64.
+                Hardware: 2 CPU cores, about 5 minutes for moe_tiny (10 under a shared load),
+                2-4 for the twin. Expected on Tiny Shakespeare at step 400: val_ce_loss
+                4.46-4.47 (moe_tiny; val_loss adds the weighted aux losses) vs val_loss
+                4.45-4.48 (the twin) over seeds 0 and 1: a tie, as Tiny Shakespeare limits by
+                data, not capacity; expert loads within 0.76-1.3x the balanced share. In one
+                pass over a larger corpus (eng-fra, char level, 1200 steps) the MoE is 0.045
+                lower.
+                See results/moe.md.
+    python -m experiments.pretrain_lm --config=experiments/configs/lm.py:moe_tiny \
+        --config.data.path=$LLMX_DATA_DIR/tinyshakespeare.txt --workdir=/tmp/moe_tiny
 """
 import ml_collections
+
+MOE_TINY_STEPS = 400
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -52,6 +68,21 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       attn_logits_soft_cap=0.0,  # the same on the attention logits
       dtype="float32",        # compute dtype ("bfloat16": mixed precision, params stay float32)
       remat="none",           # recompute activations in the backward pass: "none", "dots", "full"
+      context_attention="ring",  # mesh.context > 1: "ring" (O(local) memory) or "all_gather"
+  ))
+  # Mixture of experts (llmx/nn/moe.py; BUILD.md "Mixture of experts"). Layer i (from 0) is MoE
+  # when (i + 1) % every_n_layers == 0; experts are SwiGLU.
+  c.model.moe = ml_collections.ConfigDict(dict(
+      num_experts=0,          # 0: dense model
+      top_k=2,                # experts per token
+      every_n_layers=1,       # 1: every layer MoE; 2: every second layer
+      gating="softmax",       # "softmax" (top k renormalised) or "sigmoid" (DeepSeek-V3)
+      hidden=0,               # each expert's hidden width; 0: model.mlp_hidden's
+      shared_expert=False,    # also a dense SwiGLU (of `hidden`) that every token passes through
+      capacity_factor=0.0,    # 0: dropless (grouped matmul); > 0: cf * tokens * top_k / E per expert
+      grouped_matmul="auto",  # dropless: "ragged_dot", "tiled" (CPU's choice) or "auto"
+      aux_loss_weight=0.01,   # load-balancing loss (E * sum f_e p_e; 1.0 when balanced)
+      z_loss_weight=0.001,    # router z-loss (mean logsumexp(logits)^2)
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=16, learning_rate=1e-3, min_learning_rate=1e-4,
@@ -64,7 +95,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   ))
   # Devices: data x fsdp x tensor = all devices (one size -1: the rest). fsdp > 1 shards params and
   # optimizer state (FSDP), tensor > 1 also splits the big matrices (tensor parallelism).
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Resuming with another batch size is refused unless this is True (a deliberate change).
+  c.train.allow_batch_size_change = False
+  # expert > 1 splits the MoE experts over that many devices (expert parallelism; it is
+  # data-parallel outside the MoE layers) and must divide model.moe.num_experts.
+  # context > 1 splits every sequence over that many devices (context parallelism, ring attention;
+  # BUILD.md "Context parallelism"); 2 x context must divide model.block_size.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, context=1))
   c.sample = ml_collections.ConfigDict(dict(
       prompt="\n", max_new_tokens=300, temperature=0.8, top_k=0, seed=0))
 
@@ -84,6 +121,18 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(steps=600, batch_size=16, learning_rate=1e-3, min_learning_rate=1e-4,
                    warmup_steps=60, lr_decay_steps=600, eval_every=200, eval_batches=50,
                    checkpoint_every=200, log_every=50)
+  elif variant in ("moe_tiny", "moe_tiny_dense"):
+    # llama_tiny's model; moe_tiny: every MLP an MoE of 8 SwiGLU experts of hidden 192, top 2,
+    # so a token uses as many MLP parameters as the dense twin's hidden 384 (moe_tiny_dense).
+    c.data.update(tokenizer="bpe", vocab_size=2048)
+    c.model.update(n_layer=4, n_head=4, n_kv_head=2, d_model=128, block_size=64, dropout=0.0,
+                   positions="rope", norm="rmsnorm", mlp="swiglu", mlp_hidden=384, bias=False,
+                   tie_embeddings=False, logits_soft_cap=30.0)
+    if variant == "moe_tiny":
+      c.model.moe.update(num_experts=8, top_k=2, hidden=192)
+    c.train.update(steps=MOE_TINY_STEPS, batch_size=16, learning_rate=1e-3,
+                   min_learning_rate=1e-4, warmup_steps=40, lr_decay_steps=MOE_TINY_STEPS,
+                   eval_every=100, eval_batches=50, checkpoint_every=100, log_every=25)
   elif variant == "smoke":  # seconds: for tests and a first look
     c.model.update(n_layer=2, n_head=2, d_model=32, block_size=32)
     c.train.update(steps=20, batch_size=4, warmup_steps=2, eval_every=10, eval_batches=2,
@@ -91,5 +140,5 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.sample.max_new_tokens = 40
   else:
     raise ValueError(f"unknown variant {variant!r} of lm.py: use '', 'nanogpt_baby', "
-                     f"'llama_tiny' or 'smoke'")
+                     f"'llama_tiny', 'moe_tiny', 'moe_tiny_dense' or 'smoke'")
   return c

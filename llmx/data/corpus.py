@@ -18,6 +18,19 @@ def embedded_corpus() -> str:
   return "\n\n".join(topics.topics[name] for name in sorted(topics.topics))
 
 
+def fingerprint(*parts) -> str:
+  """A short digest of texts (or token arrays): a resumed run refuses other data. The embedded
+  corpus is CPython's documentation, which changes between Python releases."""
+  import hashlib
+
+  import numpy as np
+  digest = hashlib.sha256()
+  for part in parts:  # each part's length too: moving a split boundary changes the digest
+    data = part.encode() if isinstance(part, str) else np.asarray(part, np.int64).tobytes()
+    digest.update(len(data).to_bytes(8, "little") + data)
+  return digest.hexdigest()[:16]
+
+
 def data_path(name: str) -> pathlib.Path:
   """`$LLMX_DATA_DIR/name`, for the shared public data sets used by tests and benchmarks."""
   root = os.environ.get(DATA_DIR_ENV)

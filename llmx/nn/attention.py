@@ -8,6 +8,7 @@ from flax import nnx
 
 import llmx_kernels as kernels
 from llmx.nn.axes import EMBED, HEADS, with_axes
+from llmx.nn.context import attention as context_attention
 from llmx.nn.rope import apply_rope
 
 # The values of a config's `model.attention_impl`: "" lets the kernel pick per platform.
@@ -69,14 +70,21 @@ class SelfAttention(nnx.Module):
     return q, k, v
 
   def __call__(self, x, *, batch: int, is_causal: bool = True, segment_ids=None, positions=None,
-               deterministic=None):
+               deterministic=None, context=None):
     """x: [batch * seq, d_model] -> [batch * seq, d_model]; segment_ids: [batch, seq] or None;
-    positions: int [batch, seq] for RoPE (None: 0, 1, 2, ... in every row)."""
+    positions: int [batch, seq] for RoPE (None: 0, 1, 2, ... in every row).
+    context: a llmx.nn.context.ContextParallel when the rows are in its context layout (each a
+    piece of a longer sequence; positions are then required): attention spans whole sequences
+    across the context axis. None: every row is a whole sequence."""
     seq = x.shape[0] // batch
     q, k, v = self._project(x, batch, positions)
-    y = kernels.dot_product_attention(
-        q, k, v, is_causal=is_causal, query_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-        logits_soft_cap=self.logits_soft_cap, implementation=self.attention_impl)
+    if context is not None:
+      y = context_attention(q, k, v, segment_ids, context, is_causal=is_causal,
+                            logits_soft_cap=self.logits_soft_cap)
+    else:
+      y = kernels.dot_product_attention(
+          q, k, v, is_causal=is_causal, query_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+          logits_soft_cap=self.logits_soft_cap, implementation=self.attention_impl)
     y = self.out(y.reshape(batch * seq, self.n_head * self.head_dim))
     return self.dropout(y, deterministic=deterministic)
 

@@ -10,6 +10,7 @@ EMBED = "embed"  # the model width, d_model
 MLP = "mlp"      # the MLP's hidden width
 HEADS = "heads"  # attention projections' heads x head_dim
 VOCAB = "vocab"  # the vocabulary
+EXPERT = "expert"  # the experts of a mixture-of-experts layer
 
 
 def with_axes(init, *axes: str | None):

@@ -198,6 +198,9 @@ def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches
 
   def save(step, logged):
     check_finite()
+    if not bool(all_finite(checkpointed(state))):  # an update can overflow from finite inputs
+      state["nonfinite_step"] = jax.numpy.asarray(step)
+      check_finite()
     ckpt.save(step, checkpointed(state), meta, data_iter, metrics=logged)
 
   step, preempted = start_step, False
@@ -250,6 +253,14 @@ def train(trainable: Trainable, *, train_batches: grain.MapDataset, eval_batches
       writer.close()
   return TrainResult(model=trainable.model_of(state), state=state, step=step, history=history,
                      preempted=preempted)
+
+
+@jax.jit
+def all_finite(tree):
+  """Whether every floating-point array of `tree` is free of NaN and Inf (one device reduction
+  per array, run only before a save)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+  return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]))
 
 
 def state_structure(abstract_state) -> dict:

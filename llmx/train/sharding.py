@@ -8,6 +8,9 @@ llmx/nn/axes.py) in NNX sharding metadata. One table per strategy maps those nam
   fsdp           fsdp    fsdp     fsdp     fsdp     1/fsdp of every array (ZeRO-3 style)
   fsdp_tensor    fsdp    tensor   tensor   tensor   1/(fsdp x tensor) of the big matrices
 
+and in every strategy `expert` (an MoE layer's expert dimension) -> the `expert` mesh axis
+(expert parallelism; an expert axis of size 1 splits nothing).
+
 A mesh axis splits at most one dimension of an array, the first one it divides (under FSDP a
 [embed, mlp] kernel is split along embed, its [mlp] bias along mlp). The strategy follows from the
 mesh (`strategy_for`): an axis of size 1 splits nothing, so one config (`mesh.fsdp`,
@@ -27,9 +30,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 log = logging.getLogger("llmx")
 
 RULES = {
-    "data_parallel": {},
-    "fsdp": {"embed": "fsdp", "mlp": "fsdp", "heads": "fsdp", "vocab": "fsdp"},
-    "fsdp_tensor": {"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "vocab": "tensor"},
+    "data_parallel": {"expert": "expert"},
+    "fsdp": {"embed": "fsdp", "mlp": "fsdp", "heads": "fsdp", "vocab": "fsdp", "expert": "expert"},
+    "fsdp_tensor": {"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "vocab": "tensor",
+                    "expert": "expert"},
 }
 
 

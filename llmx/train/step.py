@@ -32,16 +32,11 @@ def _split_aux(out):
   return out if isinstance(out, tuple) else (out, {})
 
 
-def track_nonfinite(state, loss, *trees):
-  """The first step whose loss, or any array of `trees` (the gradients, the updated parameters),
-  held a NaN/Inf (-1 while none): checked on the host before every save, so a state broken by
-  its last update is never written over a good checkpoint. One fused sum per tree: a NaN or Inf
-  anywhere makes the sum non-finite."""
-  finite = jnp.isfinite(loss)
-  for tree in trees:
-    for x in jax.tree.leaves(tree):
-      if jnp.issubdtype(x.dtype, jnp.inexact):
-        finite &= jnp.isfinite(jnp.sum(x, dtype=jnp.float32))
+def track_nonfinite(state, *values):
+  """The first step whose loss or gradient norm (`values`, scalars the step computes anyway) was
+  NaN/Inf (-1 while none). The loop checks it, and the parameters themselves, on the host before
+  every save, so a state broken by its last update is never written over a good checkpoint."""
+  finite = jnp.all(jnp.isfinite(jnp.stack([jnp.asarray(v, jnp.float32) for v in values])))
   bad = (state["nonfinite_step"] < 0) & ~finite
   return jnp.where(bad, state["step"] + 1, state["nonfinite_step"])
 
@@ -151,10 +146,11 @@ def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientT
     step_fn = loss_and_grads if grad_accum_steps == 1 else accumulated
     loss, aux, rest, grads = step_fn(state["params"], state.get("frozen"), state["rest"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = dict(state, params=params, rest=rest, opt_state=opt_state, step=state["step"] + 1,
-                     nonfinite_step=track_nonfinite(state, loss, params))
-    return new_state, dict(train_loss=loss, grad_norm=optax.tree.norm(grads), **aux)
+    grad_norm = optax.tree.norm(grads)
+    new_state = dict(state, params=optax.apply_updates(state["params"], updates), rest=rest,
+                     opt_state=opt_state, step=state["step"] + 1,
+                     nonfinite_step=track_nonfinite(state, loss, grad_norm))
+    return new_state, dict(train_loss=loss, grad_norm=grad_norm, **aux)
 
   def eval_step(state, batch):
     model = merge(eval_graphdef, state["params"], state)

@@ -189,6 +189,7 @@ def pretrain_experiment(c: ml_collections.ConfigDict, mesh, workdir: str) -> Exp
       meta=dict(kind="bert_pretraining",
                 must_match=dict(model=dataclasses.asdict(config), tokenizer=tokenizer.fingerprint(),
                                 data=c.data.to_dict(), seed=c.train.seed,
+                                tokens_sha256=corpus.fingerprint(train_tokens),
                                 batch_size=c.train.batch_size),
                 config=c.to_dict(), tokenizer=tokenizer.to_json(), unigram_baseline=baseline),
       evaluate=lambda model, step: dict(unigram_baseline=baseline),

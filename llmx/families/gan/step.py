@@ -88,8 +88,7 @@ def adversarial(gan: gan_lib.GAN, g_tx: optax.GradientTransformation,
     new_state = dict(g_params=new_g_params, g_rest=g_rest,
                      g_opt_state=g_opt_state, d_params=new_d_params, d_opt_state=d_opt_state,
                      step=state["step"] + 1,
-                     nonfinite_step=track_nonfinite(state, d_total + g_loss, new_g_params,
-                                                    new_d_params))
+                     nonfinite_step=track_nonfinite(state, d_total + g_loss))
     return new_state, metrics
 
   def eval_step(state, batch):

@@ -23,6 +23,7 @@ import llmx_kernels as kernels
 from llmx.nn.attention import SelfAttention
 from llmx.nn.axes import EMBED, MLP as MLP_AXIS, VOCAB, param, with_axes
 from llmx.nn.mlp import SwiGLU
+from llmx.nn.moe import GATINGS, MoE, mean_aux
 from llmx.nn.norms import LayerNorm, RMSNorm
 from llmx.nn.remat import remat
 
@@ -54,6 +55,18 @@ class GPTConfig:
   mlp_hidden: int | None = None  # None: 4 * d_model (gelu), 8/3 * d_model rounded up to 64 (swiglu)
   logits_soft_cap: float | None = None  # c * tanh(logits / c) on the output logits; None: off
   attn_logits_soft_cap: float | None = None  # the same on the attention logits
+  # Mixture of experts (llmx/nn/moe.py): layer i (from 0) is MoE when (i + 1) % every_n == 0
+  # (1: every layer; 2: layers 1, 3, ...). Experts are SwiGLU whatever `mlp` says.
+  moe_num_experts: int = 0  # 0: dense (no MoE layers)
+  moe_top_k: int = 2
+  moe_every_n_layers: int = 1
+  moe_gating: str = "softmax"  # or "sigmoid" (DeepSeek-V3)
+  moe_hidden: int | None = None  # each expert's hidden width; None: hidden_size
+  moe_shared_expert: bool = False  # a dense SwiGLU of moe_hidden every token also passes through
+  moe_capacity_factor: float = 0.0  # 0: dropless; > 0: each expert takes <= cf * T * k / E pairs
+  moe_grouped_matmul: str = "auto"  # dropless: "ragged_dot", "tiled" or "auto" (by backend)
+  moe_aux_loss_weight: float = 0.01  # load-balancing loss weight (the recipe adds it)
+  moe_z_loss_weight: float = 0.001  # router z-loss weight
 
   def __post_init__(self):
     if self.rope_scaling is not None:  # from JSON (a checkpoint's meta) it comes back as lists
@@ -73,6 +86,18 @@ class GPTConfig:
       value = getattr(self, field)
       if value is not None and not value > 0:
         raise ValueError(f"{field}={value}: must be > 0, or None for no soft-capping")
+    if self.moe_num_experts:
+      if not 1 <= self.moe_top_k <= self.moe_num_experts:
+        raise ValueError(f"moe_top_k={self.moe_top_k}: must lie in [1, moe_num_experts="
+                         f"{self.moe_num_experts}]")
+      if self.moe_gating not in GATINGS:
+        raise ValueError(f"moe_gating={self.moe_gating!r}: must be one of "
+                         f"{', '.join(map(repr, GATINGS))}")
+      if self.moe_every_n_layers < 1:
+        raise ValueError(f"moe_every_n_layers={self.moe_every_n_layers}: must be >= 1")
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return bool(self.moe_num_experts) and (layer + 1) % self.moe_every_n_layers == 0
 
   @property
   def hidden_size(self) -> int:
@@ -103,7 +128,8 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  def __init__(self, c: GPTConfig, *, rngs: nnx.Rngs):
+  def __init__(self, c: GPTConfig, *, layer: int = 0, mesh=None, rngs: nnx.Rngs):
+    """layer: the block's index (which blocks are MoE); mesh: for expert parallelism (MoE)."""
     # GPT-2 scales the residual projections' init by 1/sqrt(2 * n_layer).
     out_std = 0.02 / math.sqrt(2 * c.n_layer)
     self.ln_1 = make_norm(c)
@@ -114,23 +140,39 @@ class Block(nnx.Module):
                               rope_scaling=c.rope_scaling, qkv_bias=c.qkv_bias,
                               logits_soft_cap=c.attn_logits_soft_cap, rngs=rngs)
     self.ln_2 = make_norm(c)
-    if c.mlp == "swiglu":
+    if c.is_moe_layer(layer):
+      hidden = c.moe_hidden or c.hidden_size
+      self.mlp = MoE(c.d_model, hidden, c.moe_num_experts, c.moe_top_k, gating=c.moe_gating,
+                     shared_hidden=hidden if c.moe_shared_expert else 0,
+                     capacity_factor=c.moe_capacity_factor, grouped=c.moe_grouped_matmul,
+                     dropout=c.dropout,
+                     out_init_std=out_std, mesh=mesh, rngs=rngs)
+    elif c.mlp == "swiglu":
       self.mlp = SwiGLU(c.d_model, c.hidden_size, use_bias=c.bias, dropout=c.dropout,
                         out_init_std=out_std, rngs=rngs)
     else:
       self.mlp = MLP(c.d_model, use_bias=c.bias, dropout=c.dropout, hidden=c.hidden_size,
                      gelu_approximate=c.gelu_approximate, out_init_std=out_std, rngs=rngs)
 
-  def __call__(self, x, *, batch, segment_ids=None, positions=None, deterministic=None):
+  def __call__(self, x, *, batch, segment_ids=None, positions=None, deterministic=None,
+               context=None, return_aux=False):
+    """-> the block's output; with return_aux, (that, the MoE layer's aux values or {})."""
     x = x + self.attn(self.ln_1(x), batch=batch, segment_ids=segment_ids, positions=positions,
-                      deterministic=deterministic)
-    return x + self.mlp(self.ln_2(x), deterministic=deterministic)
+                      deterministic=deterministic, context=context)
+    y, aux = self.feed_forward(self.ln_2(x), deterministic)
+    return (x + y, aux) if return_aux else x + y
+
+  def feed_forward(self, x, deterministic):
+    """-> (MLP output, the MoE layer's aux values or {} for a dense MLP)."""
+    if isinstance(self.mlp, MoE):
+      return self.mlp(x, deterministic=deterministic)
+    return self.mlp(x, deterministic=deterministic), {}
 
   def decode(self, x, *, batch, positions, cache):
     """The block against its layer's key/value cache (see SelfAttention.decode)."""
     y, cache = self.attn.decode(self.ln_1(x), batch=batch, positions=positions, cache=cache)
     x = x + y
-    return x + self.mlp(self.ln_2(x), deterministic=True), cache
+    return x + self.feed_forward(self.ln_2(x), True)[0], cache
 
 
 def make_norm(c: GPTConfig):
@@ -140,9 +182,10 @@ def make_norm(c: GPTConfig):
 
 
 class GPT(nnx.Module):
-  def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, remat: str = "none"):
+  def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, remat: str = "none", mesh=None):
     """remat: recompute each block's activations in the backward pass ("none", "full", "dots";
-    llmx/nn/remat.py): memory for compute, with the same results."""
+    llmx/nn/remat.py): memory for compute, with the same results. mesh: MoE layers route each
+    device's tokens on it and split the experts over its `expert` axis (llmx/nn/moe.py)."""
     c = self.config = config
     self.remat_policy = remat
     init = nnx.initializers.normal(0.02)
@@ -151,7 +194,7 @@ class GPT(nnx.Module):
     self.wpe = (param(init(rngs.params(), (c.block_size, c.d_model)), None, EMBED)
                 if c.positions == "learned" else None)
     self.drop = nnx.Dropout(c.dropout, rngs=rngs)
-    self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.n_layer)])
+    self.blocks = nnx.List([Block(c, layer=i, mesh=mesh, rngs=rngs) for i in range(c.n_layer)])
     self.ln_f = make_norm(c)
     self.lm_head = (None if c.tie_embeddings else
                     nnx.Linear(c.d_model, c.vocab_size, use_bias=False,
@@ -166,13 +209,16 @@ class GPT(nnx.Module):
     return x.reshape(batch * seq, -1)
 
   def hidden_states(self, tokens, *, positions=None, segment_ids=None, attention_mask=None,
-                    deterministic=None):
-    """tokens: int [batch, seq] -> final-norm output [batch * seq, d_model].
+                    deterministic=None, return_aux=False, context=None):
+    """tokens: int [batch, seq] -> final-norm output [batch * seq, d_model]; with return_aux,
+    (that, the MoE layers' aux values averaged over them: {} for a dense model).
 
     positions: int [batch, seq] (packed rows restart at 0 per document); default 0..seq-1.
     segment_ids: int [batch, seq]: a token attends only to earlier tokens with its id.
     attention_mask: [batch, seq], 1 on real tokens, 0 on padding (Hugging Face's argument); it
     becomes segment ids, so real tokens never attend to padding.
+    context: a llmx.nn.context.ContextParallel when the rows are in its context layout (pieces of
+    longer sequences, split over the context axis; positions required): only attention differs.
     """
     batch, seq = tokens.shape
     if seq > self.config.block_size:
@@ -184,11 +230,13 @@ class GPT(nnx.Module):
     rope_positions = None if positions is None else jnp.broadcast_to(positions, (batch, seq))
     def run_block(block, x, segment_ids, positions):
       return block(x, batch=batch, segment_ids=segment_ids, positions=positions,
-                   deterministic=deterministic)
+                   deterministic=deterministic, context=context, return_aux=True)
     run_block = remat(run_block, self.remat_policy)
+    aux = []
     for block in self.blocks:
-      x = run_block(block, x, segment_ids, rope_positions)
-    return self.ln_f(x)
+      x, layer_aux = run_block(block, x, segment_ids, rope_positions)
+      aux += [layer_aux] if layer_aux else []
+    return (self.ln_f(x), mean_aux(aux)) if return_aux else self.ln_f(x)
 
   def head_weight(self):
     """The output projection as [d_model, vocab]."""
@@ -214,11 +262,13 @@ class GPT(nnx.Module):
     h = self.hidden_states(tokens, deterministic=deterministic, **kwargs)
     return self._cross_entropy(h, targets.reshape(-1), reduction="none")
 
-  def loss(self, tokens, targets, *, deterministic=None, **kwargs):
+  def loss(self, tokens, targets, *, deterministic=None, return_aux=False, **kwargs):
     """Mean next-token cross-entropy over the targets that are not -100; the [tokens, vocab]
-    logits are never materialised when the fused kernel chunks them."""
-    h = self.hidden_states(tokens, deterministic=deterministic, **kwargs)
-    return self._cross_entropy(h, targets.reshape(-1), reduction="mean")
+    logits are never materialised when the fused kernel chunks them. return_aux: (that, the MoE
+    aux values of hidden_states), which the recipe weighs into the training loss."""
+    h, aux = self.hidden_states(tokens, deterministic=deterministic, return_aux=True, **kwargs)
+    loss = self._cross_entropy(h, targets.reshape(-1), reduction="mean")
+    return (loss, aux) if return_aux else loss
 
   def _cross_entropy(self, h, targets, *, reduction):
     if self.config.logits_soft_cap is None:

@@ -18,9 +18,12 @@ from llmx.families.lm.model import GPT, GPTConfig
 from llmx.data.lm_windows import fixed_batches, lm_batches
 from llmx.inference import generate
 from llmx.nn.attention import ATTENTION_IMPLS
+from llmx.nn.context import CONTEXT_ATTENTIONS, ContextParallel, layout_batch
+from llmx.nn.moe import GATINGS, GROUPED
 from llmx.nn.params import num_params
 from llmx.train import optimizers, restore
-from llmx.train.mesh import check_batch_size, data_shard, on_every_host, process_rows
+from llmx.train.mesh import (BATCH_AXES, check_batch_size, data_shard, on_every_host,
+                             process_rows)
 from llmx.train.recipe import Experiment, Recipe
 from llmx.train.step import supervised
 from llmx.train.config_check import (ConfigError, require_choice, require_divisible,
@@ -42,6 +45,8 @@ def validate(c: ml_collections.ConfigDict):
   require_choice(c, "model.attention_impl", ATTENTION_IMPLS)
   validate_modern(c)
   validate_scaling(c)
+  validate_moe(c)
+  validate_context(c)
 
 
 def validate_modern(c: ml_collections.ConfigDict):
@@ -68,6 +73,28 @@ def validate_modern(c: ml_collections.ConfigDict):
                       f"model.n_head = {c.model.d_model // c.model.n_head}")
 
 
+def validate_moe(c: ml_collections.ConfigDict, expert_parallel: int | None = None):
+  """`model.moe.*` against each other and the mesh's expert axis (`mesh.expert`, or the built
+  mesh's size when given)."""
+  moe = c.model.moe
+  require_positive(c, "model.moe.num_experts", "model.moe.hidden", allow_zero=True)
+  require_range(c, "model.moe.capacity_factor", 0.0, float("inf"))
+  require_range(c, "model.moe.aux_loss_weight", 0.0, float("inf"))
+  require_range(c, "model.moe.z_loss_weight", 0.0, float("inf"))
+  if not moe.num_experts:
+    return
+  require_positive(c, "model.moe.every_n_layers")
+  if not isinstance(moe.top_k, int) or not 1 <= moe.top_k <= moe.num_experts:
+    raise ConfigError(f"model.moe.top_k={moe.top_k!r}: must be an integer in [1, "
+                      f"model.moe.num_experts={moe.num_experts}]")
+  require_choice(c, "model.moe.gating", GATINGS)
+  require_choice(c, "model.moe.grouped_matmul", ("auto", *GROUPED))
+  expert = expert_parallel or c.get("mesh", {}).get("expert", 1)
+  if expert > 1 and moe.num_experts % expert:
+    raise ConfigError(f"mesh.expert={expert} does not divide model.moe.num_experts="
+                      f"{moe.num_experts}: each device must hold a whole share of the experts")
+
+
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -78,6 +105,34 @@ def validate_scaling(c: ml_collections.ConfigDict):
   require_choice(c, "model.remat", tuple(POLICIES))
   require_positive(c, "train.grad_accum_steps")
   require_divisible(c, "train.batch_size", "train.grad_accum_steps")
+
+
+def validate_context(c: ml_collections.ConfigDict, context: int | None = None):
+  """Context parallelism (`mesh.context` > 1) cuts every sequence into 2 x mesh.context chunks
+  (zig-zag layout, llmx/nn/context.py). context: the mesh's resolved size (default: the
+  config's, when it is a fixed size)."""
+  attention = c.model.get("context_attention", "ring")  # configs from before the field: ring
+  if attention not in CONTEXT_ATTENTIONS:
+    raise ConfigError(f"model.context_attention={attention!r}: must be one of "
+                      f"{', '.join(map(repr, CONTEXT_ATTENTIONS))}")
+  if context is None:
+    context = c.mesh.get("context", 1) if "mesh" in c else 1
+  if isinstance(context, int) and context > 1 and c.model.block_size % (2 * context):
+    raise ConfigError(
+        f"model.block_size={c.model.block_size} is not divisible by 2 x mesh.context = "
+        f"{2 * context}: context parallelism cuts every sequence into 2 x mesh.context chunks")
+
+
+def context_parallel(c: ml_collections.ConfigDict, mesh) -> ContextParallel | None:
+  """How the model splits sequences over the mesh's `context` axis; None when it is 1."""
+  if mesh is None or mesh.shape.get("context", 1) == 1:
+    return None
+  validate_context(c, mesh.shape["context"])
+  tensor = mesh.shape.get("tensor", 1) > 1
+  return ContextParallel(mesh, axis="context", batch_axes=BATCH_AXES,
+                         head_axis="tensor" if tensor else None,
+                         attention=c.model.get("context_attention", "ring"),
+                         attention_impl=c.model.attention_impl or None)
 
 
 def compute_dtype(c: ml_collections.ConfigDict):
@@ -138,28 +193,79 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
                    attention_impl=m.attention_impl or None, n_kv_head=m.n_kv_head or None,
                    positions=m.positions, rope_theta=m.rope_theta, norm=m.norm, mlp=m.mlp,
                    mlp_hidden=m.mlp_hidden or None, logits_soft_cap=m.logits_soft_cap or None,
-                   attn_logits_soft_cap=m.attn_logits_soft_cap or None)
+                   attn_logits_soft_cap=m.attn_logits_soft_cap or None,
+                   moe_num_experts=m.moe.num_experts, moe_top_k=m.moe.top_k,
+                   moe_every_n_layers=m.moe.every_n_layers, moe_gating=m.moe.gating,
+                   moe_hidden=m.moe.hidden or None, moe_shared_expert=m.moe.shared_expert,
+                   moe_capacity_factor=m.moe.capacity_factor,
+                   moe_grouped_matmul=m.moe.grouped_matmul,
+                   moe_aux_loss_weight=m.moe.aux_loss_weight, moe_z_loss_weight=m.moe.z_loss_weight)
 
 
-def build_model(gpt_config: GPTConfig, seed: int, remat: str = "none") -> GPT:
-  return GPT(gpt_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1), remat=remat)
+def build_model(gpt_config: GPTConfig, seed: int, remat: str = "none", mesh=None) -> GPT:
+  """mesh: given only to an MoE model on several devices: its MoE layers route each device's
+  tokens there, and split the experts over the `expert` axis (expert parallelism)."""
+  return GPT(gpt_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1), remat=remat, mesh=mesh)
 
 
-def lm_loss(model: GPT, batch):
+def lm_loss(model: GPT, batch, context: ContextParallel | None = None):
   """batch: int [batch, block_size + 1] windows, or packed rows [batch, 3, block_size + 1]
-  (llmx.data.packing); predict each next token."""
+  (llmx.data.packing); predict each next token. An MoE model's loss adds the weighted balance
+  and z losses, and reports `ce_loss` (the cross-entropy alone) and the MoE metrics.
+  context: context parallelism: the rows go into its layout first (llmx/nn/context.py); the mean
+  loss does not depend on the order of the tokens."""
+  kwargs = {}
   if batch.ndim == 3:
     inputs, targets, positions, segment_ids = split_packed(batch)
-    return model.loss(inputs, targets, positions=positions, segment_ids=segment_ids)
-  return model.loss(batch[:, :-1], batch[:, 1:])
+    kwargs = dict(positions=positions, segment_ids=segment_ids)
+  else:
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+  if context is not None:
+    inputs, targets, positions, segment_ids = layout_batch(context, inputs, targets, **kwargs)
+    kwargs = dict(positions=positions, segment_ids=segment_ids, context=context)
+  if not model.config.moe_num_experts:
+    return model.loss(inputs, targets, **kwargs)
+  loss, aux = model.loss(inputs, targets, return_aux=True, **kwargs)
+  c = model.config
+  total = loss + c.moe_aux_loss_weight * aux["aux_loss"] + c.moe_z_loss_weight * aux["z_loss"]
+  return total, dict(ce_loss=loss, **moe_metrics(aux))
 
 
-def trainable(c: ml_collections.ConfigDict, gpt_config: GPTConfig):
+def moe_metrics(aux: dict) -> dict:
+  """MoE aux values (averaged over layers) -> scalar metrics. Loads are relative to the balanced
+  share 1 / num_experts (1.0 = balanced): per expert, max, min and coefficient of variation."""
+  import jax.numpy as jnp
+  load = aux["load"] * aux["load"].shape[0]
+  out = dict(moe_aux_loss=aux["aux_loss"], moe_z_loss=aux["z_loss"], moe_dropped=aux["dropped"],
+             moe_load_max=load.max(), moe_load_min=load.min(), moe_load_cv=jnp.std(load))
+  out.update({f"moe_load_{e}": load[e] for e in range(load.shape[0])})
+  return out
+
+
+def active_params(gpt_config: GPTConfig, n_params: int) -> int:
+  """Parameters one token uses: all but the experts it is not routed to."""
+  c = gpt_config
+  if not c.moe_num_experts:
+    return n_params
+  per_expert = 3 * c.d_model * (c.moe_hidden or c.hidden_size)
+  moe_layers = sum(c.is_moe_layer(i) for i in range(c.n_layer))
+  return n_params - moe_layers * (c.moe_num_experts - c.moe_top_k) * per_expert
+
+
+def trainable(c: ml_collections.ConfigDict, gpt_config: GPTConfig, mesh=None):
   """The train/eval steps the config asks for (optimizer, micro-batches, compute dtype, remat).
-  The model is given as a builder, so the loop creates its parameters already sharded."""
-  build = functools.partial(build_model, gpt_config, c.train.seed, remat=c.model.remat)
+  The model is given as a builder, so the loop creates its parameters already sharded. mesh: the
+  run's mesh (MoE layers route per device on it and split the experts over its `expert` axis;
+  its `context` axis > 1 splits the
+  sequences: context parallelism)."""
+  context_mesh = mesh
+  if mesh is not None and (not gpt_config.moe_num_experts or mesh.size == 1):
+    mesh = None  # dense or one device: keep the model independent of the mesh
+  build = functools.partial(build_model, gpt_config, c.train.seed, remat=c.model.remat, mesh=mesh)
   tx, schedule = optimizers.from_config(c.train)
-  return supervised(build, tx, lm_loss, grad_accum_steps=c.train.grad_accum_steps,
+  context = context_parallel(c, context_mesh)
+  loss_fn = lm_loss if context is None else functools.partial(lm_loss, context=context)
+  return supervised(build, tx, loss_fn, grad_accum_steps=c.train.grad_accum_steps,
                     compute_dtype=compute_dtype(c)), schedule
 
 
@@ -168,11 +274,14 @@ def experiment(c: ml_collections.ConfigDict, mesh, workdir: str) -> Experiment:
   check_batch_size(mesh, c.train.batch_size, grad_accum_steps=c.train.grad_accum_steps)
   tokenizer, train_tokens, val_tokens = load_tokens(c)
   gpt_config = model_config(c, tokenizer.vocab_size)
-  steps, schedule = trainable(c, gpt_config)
+  validate_moe(c, expert_parallel=mesh.shape.get("expert", 1))
+  steps, schedule = trainable(c, gpt_config, mesh)
   n_params = num_params(nnx.eval_shape(lambda: build_model(gpt_config, 0)), skip=("wpe",))
-  log.info("model: %.2fM parameters, vocab %d, %d train / %d val tokens, %d devices in %d "
-           "processes", n_params / 1e6, tokenizer.vocab_size, len(train_tokens), len(val_tokens),
-           jax.device_count(), jax.process_count())
+  n_active = active_params(gpt_config, n_params)
+  log.info("model: %.2fM parameters (%.2fM active per token), vocab %d, %d train / %d val "
+           "tokens, %d devices in %d processes", n_params / 1e6, n_active / 1e6,
+           tokenizer.vocab_size, len(train_tokens), len(val_tokens), jax.device_count(),
+           jax.process_count())
   batches = dict(block_size=c.model.block_size, batch_size=c.train.batch_size)
   # Each process loads only the rows of each global batch that its own devices hold.
   shard_index, shard_count = data_shard(mesh, c.train.batch_size)
@@ -196,10 +305,11 @@ def experiment(c: ml_collections.ConfigDict, mesh, workdir: str) -> Experiment:
       train_batches=lm_batches(train_tokens, seed=c.train.seed, **batches,
                                process_index=shard_index, process_count=shard_count),
       eval_batches=[process_rows(b, mesh) for b in eval_batches],
-      meta=dict(must_match=dict(model=dataclasses.asdict(gpt_config), tokenizer=tokenizer.to_json()),
+      meta=dict(must_match=dict(model=dataclasses.asdict(gpt_config), tokenizer=tokenizer.to_json(),
+                                data=dict(tokens_sha256=corpus.fingerprint(train_tokens, val_tokens))),
                 config=c.to_dict(), n_params=n_params),
       tokens_per_step=tokens_per_step,
-      flops_per_step=tokens_per_step * gpt.flops_per_token(gpt_config, n_params, c.model.block_size),
+      flops_per_step=tokens_per_step * gpt.flops_per_token(gpt_config, n_active, c.model.block_size),
       finish=finish)
 
 

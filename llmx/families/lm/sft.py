@@ -15,7 +15,6 @@ import pathlib
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from llmx import inference, pretrained
