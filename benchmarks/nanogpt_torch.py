@@ -181,7 +181,8 @@ def estimate_loss(model, data, args, eval_iters, generator=None):
 def setup(args):
     torch.manual_seed(args.seed)  # before data/model, as in nanoGPT: init consumes the global RNG
     data, vocab_size = load_data(args.data)
-    model = GPT(GPTConfig(block_size=args.block_size, vocab_size=vocab_size))
+    model = GPT(GPTConfig(block_size=args.block_size, vocab_size=vocab_size,
+                          **getattr(args, 'model_dims', {})))
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99))
     return data, model, optimizer
 
@@ -253,8 +254,16 @@ if __name__ == '__main__':
     p.add_argument('--steps', type=int, default=50, help='time mode: steps per round')
     p.add_argument('--rounds', type=int, default=5, help='time mode: timed rounds')
     p.add_argument('--warmup', type=int, default=10, help='time mode: untimed warm-up steps')
+    p.add_argument('--size', choices=['baby', 'default'], default='baby',
+                   help="time mode: 'default' is nanoGPT's train_shakespeare_char.py model "
+                        "(6 layers, 6 heads, d 384, block 256, batch 64, dropout 0.2)")
     args = p.parse_args()
     args.block_size, args.batch_size = 64, 12  # fixed, like the model dims in GPTConfig
+    if args.size == 'default':
+        if args.mode != 'time':
+            p.error('--size=default is for --mode=time')
+        args.block_size, args.batch_size = 256, 64
+        args.model_dims = dict(n_layer=6, n_head=6, n_embd=384, dropout=0.2)
     torch.set_num_threads(args.threads)
     print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
           f"threads {torch.get_num_threads()}, mode {args.mode}, seed {args.seed}", flush=True)
