@@ -616,3 +616,16 @@ def test_unsupported_dtype(saved, no_tensor_reads):
                      match="dtype='float64': must be one of float32, bfloat16") as e:
     pretrained.load(saved["llama3"][1], dtype="float64")
   one_line_error(e)
+
+
+def test_a_weight_holding_nan_is_refused_naming_tensor_and_file(saved, tmp_path):
+  from llmx.formats.safetensors import read_file, write_file
+  folder = tmp_path / "nan"
+  shutil.copytree(saved["llama3"][1], folder)
+  tensors = {k: np.array(v) for k, v in read_file(folder / "model.safetensors").items()}
+  name = "model.layers.1.mlp.down_proj.weight"
+  tensors[name][3, 5] = np.nan
+  write_file(folder / "model.safetensors", tensors)
+  with pytest.raises(CheckpointFormatError, match="holds NaN or Inf values") as e:
+    pretrained.load(folder)
+  one_line_error(e, folder / "model.safetensors", name)
