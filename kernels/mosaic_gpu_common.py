@@ -21,6 +21,8 @@ import re
 
 import jax
 
+from . import autotune
+
 MIN_JAX = (0, 11)
 # Hopper's shared memory per block (227 KiB); Mosaic GPU refuses kernels above it.
 MAX_SMEM_BYTES = 232_448
@@ -211,3 +213,22 @@ def store_tiles(step, tiles):
 
 def config_error(op: str, cfg, why: str) -> ValueError:
   return ValueError(f"{op} mosaic_gpu: config {cfg} is not valid: {why}")
+
+
+def resolve_config(op: str, key: str, config_type, dims, dtype, config, heuristic, problem):
+  """The block config of one kernel: `config` itself (a `config_type`), or its fields over the
+  heuristic's (a mapping), or else the autotune cache entry `key` for this device, else the
+  heuristic. heuristic() -> config_type; problem(cfg) -> why it cannot run, or None (checked
+  on every path, so a bad cache entry or override is one ValueError naming the op)."""
+  if isinstance(config, config_type):
+    cfg = config
+  elif config is not None:
+    cfg = config_type(**{**dataclasses.asdict(heuristic()), **dict(config)})
+  else:
+    cfg = config_type(**autotune.get_config(
+        key, dims, dtype, lambda: dataclasses.asdict(heuristic()),
+        validate=lambda c: problem(config_type(**c)) is None))
+  why = problem(cfg)
+  if why:
+    raise config_error(op, cfg, why)
+  return cfg

@@ -129,19 +129,10 @@ SHIPPED_CONFIGS = (Config(64, 128, 64, 2, 1, 8192), Config(64, 64, 128, 3, 2, 12
 def resolve_config(kind: str, dims, dtype, config=None) -> Config:
   """Explicit config, else the autotune cache ``linear_cross_entropy.mosaic_gpu.<kind>``,
   else the heuristic."""
-  if isinstance(config, Config):
-    cfg = config
-  elif config is not None:
-    cfg = Config(**{**heuristic_config(kind, dims, dtype).as_dict(), **dict(config)})
-  else:
-    cfg = Config(**autotune.get_config(
-        f"linear_cross_entropy.mosaic_gpu.{kind}", dims, dtype,
-        lambda: heuristic_config(kind, dims, dtype).as_dict(),
-        validate=lambda c: config_problem(kind, Config(**c), dtype) is None))
-  problem = config_problem(kind, cfg, dtype)
-  if problem:
-    raise mgc.config_error("linear_cross_entropy", cfg, problem)
-  return cfg
+  return mgc.resolve_config("linear_cross_entropy", f"linear_cross_entropy.mosaic_gpu.{kind}",
+                            Config, dims, dtype, config,
+                            lambda: heuristic_config(kind, dims, dtype),
+                            lambda cfg: config_problem(kind, cfg, dtype))
 
 
 def unsupported(n, d, v, dtype) -> str | None:

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .. import autotune
 from .. import mosaic_gpu_common as mgc
 
 try:
@@ -111,20 +110,9 @@ SHIPPED_CONFIGS = (Config(64, 128, 2), Config(128, 64, 2))
 def resolve_config(op: str, kind: str, dims, dtype, config=None) -> Config:
   """Explicit config, else the autotune cache ``<op>.mosaic_gpu.<kind>``, else heuristic."""
   centered = op == "layer_norm"
-  if isinstance(config, Config):
-    cfg = config
-  elif config is not None:
-    cfg = Config(**{**heuristic_config(kind, dims, dtype, centered).as_dict(), **dict(config)})
-  else:
-    cached = autotune.get_config(
-        f"{op}.mosaic_gpu.{kind}", dims, dtype,
-        lambda: heuristic_config(kind, dims, dtype, centered).as_dict(),
-        validate=lambda c: config_problem(kind, Config(**c), dtype, centered) is None)
-    cfg = Config(**cached)
-  problem = config_problem(kind, cfg, dtype, centered)
-  if problem:
-    raise mgc.config_error(op, cfg, problem)
-  return cfg
+  return mgc.resolve_config(op, f"{op}.mosaic_gpu.{kind}", Config, dims, dtype, config,
+                            lambda: heuristic_config(kind, dims, dtype, centered),
+                            lambda cfg: config_problem(kind, cfg, dtype, centered))
 
 
 def unsupported(x, *params) -> str | None:

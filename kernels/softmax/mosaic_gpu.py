@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .. import autotune
 from .. import mosaic_gpu_common as mgc
 
 try:
@@ -98,19 +97,9 @@ SHIPPED_CONFIGS = (Config(64, 128, 2), Config(128, 64, 2))
 
 def resolve_config(kind: str, dims, dtype, config=None) -> Config:
   """Explicit config, else the autotune cache ``softmax.mosaic_gpu.<kind>``, else heuristic."""
-  if isinstance(config, Config):
-    cfg = config
-  elif config is not None:
-    cfg = Config(**{**heuristic_config(kind, dims, dtype).as_dict(), **dict(config)})
-  else:
-    cfg = Config(**autotune.get_config(
-        f"softmax.mosaic_gpu.{kind}", dims, dtype,
-        lambda: heuristic_config(kind, dims, dtype).as_dict(),
-        validate=lambda c: config_problem(kind, Config(**c), dtype) is None))
-  problem = config_problem(kind, cfg, dtype)
-  if problem:
-    raise mgc.config_error("softmax", cfg, problem)
-  return cfg
+  return mgc.resolve_config("softmax", f"softmax.mosaic_gpu.{kind}", Config, dims, dtype, config,
+                            lambda: heuristic_config(kind, dims, dtype),
+                            lambda cfg: config_problem(kind, cfg, dtype))
 
 
 def unsupported(x) -> str | None:
