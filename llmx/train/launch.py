@@ -3,6 +3,7 @@ multi-process run, and user errors printed as one line. Nothing happens on impor
 does it all, from an entry point's `if __name__ == "__main__":`."""
 import ctypes
 import os
+import re
 import sys
 
 
@@ -55,7 +56,7 @@ def parse_flags(argv):
   """absl's flag parsing, with a bad `--config.*` override (a misspelt field, a value of the
   wrong type) reported as one line and exit status 2 instead of a traceback from inside
   ml_collections."""
-  from absl import app, flags
+  from absl import flags
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # absl's own: unknown flag, missing --workdir, ...
@@ -67,7 +68,6 @@ def parse_flags(argv):
     # ml_collections' message is the repr of a KeyError: "'\\'setps\\'\\nDid you mean ...'".
     message = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip("'\" ")
     if isinstance(e, (AttributeError, KeyError)):
-      import re
       field = re.match(r"\W*(\w+)", message)
       hint = re.search(r"Did you mean \"(\w+)\"", message)
       message = (f"the config has no field {field.group(1)!r}" if field else message) + (
@@ -75,7 +75,6 @@ def parse_flags(argv):
     print(f"error: {' '.join(bad) or 'the --config file'}: {' '.join(message.split())}",
           file=sys.stderr, flush=True)
     sys.exit(2)
-  del app
 
 
 def run(main, *, distributed: bool = True):
