@@ -26,7 +26,7 @@ On a shared, oversubscribed machine set OMP_WAIT_POLICY=PASSIVE: the default
 spin-waiting OpenMP threads can make each step an order of magnitude slower
 (thread count and results are unchanged).
 """
-import argparse, math, platform, statistics, time
+import argparse, contextlib, math, platform, statistics, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,11 +187,20 @@ def setup(args):
     return data, model, optimizer
 
 
+def autocast(args):
+    """nanoGPT's `ctx`: nullcontext on a CPU (float32); --autocast=bfloat16 runs the forward
+    under torch.autocast as nanoGPT does on a GPU (matmuls on bf16 inputs)."""
+    if args.autocast == 'bfloat16':
+        return torch.autocast(device_type='cpu', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_step(model, optimizer, data, args, X, Y, it):
     """One nanoGPT iteration: set lr, fwd, prefetch next batch, bwd, clip, step."""
     for group in optimizer.param_groups:
         group['lr'] = get_lr(it, lr_decay_iters=args.max_iters)
-    _, loss = model(X, Y)
+    with autocast(args):
+        _, loss = model(X, Y)
     X, Y = get_batch(data['train'], args.block_size, args.batch_size)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -254,6 +263,8 @@ if __name__ == '__main__':
     p.add_argument('--steps', type=int, default=50, help='time mode: steps per round')
     p.add_argument('--rounds', type=int, default=5, help='time mode: timed rounds')
     p.add_argument('--warmup', type=int, default=10, help='time mode: untimed warm-up steps')
+    p.add_argument('--autocast', choices=['off', 'bfloat16'], default='off',
+                   help="off: float32, as nanoGPT runs on a CPU; bfloat16: its GPU autocast")
     p.add_argument('--size', choices=['baby', 'default'], default='baby',
                    help="time mode: 'default' is nanoGPT's train_shakespeare_char.py model "
                         "(6 layers, 6 heads, d 384, block 256, batch 64, dropout 0.2)")
@@ -266,5 +277,5 @@ if __name__ == '__main__':
         args.model_dims = dict(n_layer=6, n_head=6, n_embd=384, dropout=0.2)
     torch.set_num_threads(args.threads)
     print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
-          f"threads {torch.get_num_threads()}, mode {args.mode}, seed {args.seed}", flush=True)
+          f"threads {torch.get_num_threads()}, mode {args.mode}, seed {args.seed}, autocast {args.autocast}", flush=True)
     train(args) if args.mode == 'train' else time_steps(args)

@@ -29,6 +29,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/lm.py:n
                                           "LM config.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds; the median round is reported.")
+_WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps first (the first one compiles).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s; 0: the spec sheet's "
                            "(accelerators) or a measured float32 matmul (CPU).")
 
@@ -43,7 +44,8 @@ def main(argv):
   trainable, _ = recipe.trainable(c, gpt_config, mesh)
   data = lm_batches(train_tokens, block_size=c.model.block_size, batch_size=c.train.batch_size, seed=0)
   round_ms, metrics = bench.time_train_step(trainable, [data[i] for i in range(8)],
-                                            steps=_STEPS.value, rounds=_ROUNDS.value, mesh=mesh)
+                                            steps=_STEPS.value, rounds=_ROUNDS.value,
+                                            warmup=_WARMUP.value, mesh=mesh)
   memory = bench.step_memory(trainable, data[0], mesh)
   ms = statistics.median(round_ms)
   n_params = num_params(nnx.eval_shape(lambda: recipe.build_model(gpt_config, 0)), skip=("wpe",))
@@ -55,7 +57,7 @@ def main(argv):
                "measured f32 matmul" if jax.devices()[0].platform == "cpu" else "spec sheet peak")
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}")
   print(f"model: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active), batch {c.train.batch_size} x {c.model.block_size} "
-        f"tokens, {c.model.dtype}, remat {c.model.remat}, {c.train.grad_accum_steps} micro-batches")
+        f"tokens, {c.model.dtype} (matmuls {c.model.matmul_dtype}), remat {c.model.remat}, {c.train.grad_accum_steps} micro-batches")
   print(f"mesh:             {dict(mesh.shape)}; per device: temp {memory['temp'] / 2**20:.1f} MiB, "
         f"peak {memory['peak'] / 2**20:.1f} MiB")
   print(f"rounds (ms/step): {', '.join(f'{r:.1f}' for r in round_ms)}")

@@ -122,6 +122,10 @@ def test_mesh_shape_resolves_the_rest_and_batch_checks():
 @pytest.mark.parametrize("overrides, message", [
     (dict(model=dict(dtype="float8")), r"model.dtype='float8': must be one of 'float32', 'bfloat16'"),
     (dict(model=dict(remat="some")), r"model.remat='some': must be one of 'none', 'full', 'dots'"),
+    (dict(model=dict(matmul_dtype="float16")),
+     r"^model.matmul_dtype='float16': must be one of 'float32', 'bfloat16'$"),
+    (dict(model=dict(matmul_dtype="bfloat16", dtype="bfloat16")),
+     r"model.matmul_dtype='bfloat16' with model.dtype='bfloat16': .* needs model.dtype='float32'"),
     (dict(train=dict(grad_accum_steps=0)), r"train.grad_accum_steps=0: must be an integer > 0"),
     (dict(train=dict(batch_size=6, grad_accum_steps=4)),
      r"train.batch_size=6 is not divisible by train.grad_accum_steps=4"),

@@ -16,6 +16,9 @@ Variants:
                 Tiny Shakespeare at step 2000: val_loss 1.89-1.90 on its 200 fixed batches, as
                 nanoGPT's own code gets here; 1.87-1.90 on 20 batches, the noisy estimate behind
                 nanoGPT's README figure of 1.88. See results/lm.md.
+                `--config.model.matmul_dtype=bfloat16` (bf16 inputs to the dense layers'
+                matmuls, float32 elsewhere): the same 1.901 / 1.9035 (whole split) at seed 0,
+                1.3-1.6x faster per step on an AVX512-BF16 CPU.
   llama_tiny    the LLaMA-style switches all on: byte-level BPE (2048 tokens, trained on the
                 training split), RoPE, RMSNorm, SwiGLU, grouped-query attention (4 heads, 2 KV
                 heads), no biases, untied head, output logits soft-capped at 30; 4 layers x 128,
@@ -67,6 +70,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       logits_soft_cap=0.0,    # > 0: c * tanh(logits / c) on the output logits; 0: off
       attn_logits_soft_cap=0.0,  # the same on the attention logits
       dtype="float32",        # compute dtype ("bfloat16": mixed precision, params stay float32)
+      matmul_dtype="float32",  # "bfloat16": matmul inputs rounded to bf16, float32 elsewhere
       remat="none",           # recompute activations in the backward pass: "none", "dots", "full"
       context_attention="ring",  # mesh.context > 1: "ring" (O(local) memory) or "all_gather"
   ))

@@ -9,6 +9,7 @@ from flax import nnx
 import llmx_kernels as kernels
 from llmx.nn.axes import EMBED, HEADS, with_axes
 from llmx.nn.context import attention as context_attention
+from llmx.nn.precision import dot_general
 from llmx.nn.rope import apply_rope
 
 # The values of a config's `model.attention_impl`: "" lets the kernel pick per platform.
@@ -27,12 +28,13 @@ class SelfAttention(nnx.Module):
                out_init_std: float | None = None, attention_impl: str | None = None,
                rope_theta: float | None = None, rope_scaling: tuple | None = None,
                logits_soft_cap: float | None = None, qkv_bias: bool | None = None,
-               rngs: nnx.Rngs):
+               matmul_dtype: str = "float32", rngs: nnx.Rngs):
     """rope_theta: rotate queries and keys by their positions (RoPE) with this base; None: no
     rotation (positions come from a learned table outside). logits_soft_cap: c * tanh(s / c) on
     the attention logits (Gemma 2); None: off. rope_scaling: see llmx.nn.rope.rope_frequencies.
     qkv_bias: biases on the q, k, v projections (None: as use_bias; Qwen2 has them without an
-    output bias)."""
+    output bias). matmul_dtype: "bfloat16" rounds the inputs of the four projections to bf16,
+    accumulating in float32 (llmx/nn/precision.py); attention itself stays float32."""
     n_kv_head = n_kv_head or n_head
     if d_model % n_head:
       raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
@@ -46,10 +48,12 @@ class SelfAttention(nnx.Module):
     qkv_bias = use_bias if qkv_bias is None else qkv_bias
     self.qkv = nnx.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, use_bias=qkv_bias,
                           kernel_init=with_axes(init, EMBED, HEADS),
-                          bias_init=with_axes(zeros, HEADS), rngs=rngs)
+                          bias_init=with_axes(zeros, HEADS),
+                          dot_general=dot_general(matmul_dtype), rngs=rngs)
     self.out = nnx.Linear(d_model, d_model, use_bias=use_bias,
                           kernel_init=with_axes(out_init, HEADS, EMBED),
-                          bias_init=with_axes(zeros, EMBED), rngs=rngs)
+                          bias_init=with_axes(zeros, EMBED),
+                          dot_general=dot_general(matmul_dtype), rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.attention_impl = attention_impl
     self.rope_theta = rope_theta

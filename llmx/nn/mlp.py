@@ -3,6 +3,7 @@ import jax
 from flax import nnx
 
 from llmx.nn.axes import EMBED, MLP, with_axes
+from llmx.nn.precision import dot_general
 
 
 class SwiGLU(nnx.Module):
@@ -14,16 +15,20 @@ class SwiGLU(nnx.Module):
   """
 
   def __init__(self, d_model: int, hidden: int, *, use_bias: bool = False, dropout: float = 0.0,
-               init_std: float = 0.02, out_init_std: float | None = None, rngs: nnx.Rngs):
+               init_std: float = 0.02, out_init_std: float | None = None,
+               matmul_dtype: str = "float32", rngs: nnx.Rngs):
+    """matmul_dtype: "bfloat16" rounds each matmul's inputs to bf16 (llmx/nn/precision.py)."""
     self.hidden = hidden
     zeros = nnx.initializers.zeros_init()
     self.gate_up = nnx.Linear(d_model, 2 * hidden, use_bias=use_bias,
                               kernel_init=with_axes(nnx.initializers.normal(init_std), EMBED, MLP),
-                              bias_init=with_axes(zeros, MLP), rngs=rngs)
+                              bias_init=with_axes(zeros, MLP),
+                              dot_general=dot_general(matmul_dtype), rngs=rngs)
     self.down = nnx.Linear(hidden, d_model, use_bias=use_bias,
                            kernel_init=with_axes(nnx.initializers.normal(out_init_std or init_std),
                                                  MLP, EMBED),
-                           bias_init=with_axes(zeros, EMBED), rngs=rngs)
+                           bias_init=with_axes(zeros, EMBED),
+                           dot_general=dot_general(matmul_dtype), rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, x, deterministic=None):

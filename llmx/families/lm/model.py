@@ -25,6 +25,7 @@ from llmx.nn.axes import EMBED, MLP as MLP_AXIS, VOCAB, param, with_axes
 from llmx.nn.mlp import SwiGLU
 from llmx.nn.moe import GATINGS, MoE, mean_aux
 from llmx.nn.norms import LayerNorm, RMSNorm
+from llmx.nn.precision import MATMUL_DTYPES, dot_general
 from llmx.nn.remat import remat
 
 POSITIONS = ("learned", "rope")
@@ -45,6 +46,10 @@ class GPTConfig:
   gelu_approximate: bool = False  # nanoGPT: exact erf GELU; GPT-2 checkpoints: tanh form
   layer_norm_epsilon: float = 1e-5  # the epsilon of LayerNorm and RMSNorm alike
   attention_impl: str | None = None  # None: the kernel op's best for the backend
+  # "bfloat16": the dense layers' matmuls (projections, MLP) round their inputs to bf16 and
+  # accumulate in float32; all else (attention, norms, the output head, the loss, the
+  # optimizer) stays float32 (llmx/nn/precision.py). About 1.4-1.6x faster on an AVX512-BF16 CPU.
+  matmul_dtype: str = "float32"
   n_kv_head: int | None = None  # None: n_head (multi-head); fewer: grouped-query attention
   positions: str = "learned"  # "learned" table (GPT-2) or "rope" (rotary, no table)
   rope_theta: float = 10000.0
@@ -76,7 +81,8 @@ class GPTConfig:
     if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
       raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
     for field, value, valid in (("positions", self.positions, POSITIONS),
-                                ("norm", self.norm, NORMS), ("mlp", self.mlp, MLPS)):
+                                ("norm", self.norm, NORMS), ("mlp", self.mlp, MLPS),
+                                ("matmul_dtype", self.matmul_dtype, MATMUL_DTYPES)):
       if value not in valid:
         raise ValueError(f"{field}={value!r}: must be one of {', '.join(map(repr, valid))}")
     if self.positions == "rope" and (self.d_model // self.n_head) % 2:
@@ -110,15 +116,18 @@ class GPTConfig:
 
 class MLP(nnx.Module):
   def __init__(self, d_model: int, *, use_bias: bool, dropout: float, gelu_approximate: bool,
-               out_init_std: float, rngs: nnx.Rngs, hidden: int | None = None):
+               out_init_std: float, rngs: nnx.Rngs, hidden: int | None = None,
+               matmul_dtype: str = "float32"):
     hidden = hidden or 4 * d_model
     zeros = nnx.initializers.zeros_init()
     self.fc = nnx.Linear(d_model, hidden, use_bias=use_bias,
                          kernel_init=with_axes(nnx.initializers.normal(0.02), EMBED, MLP_AXIS),
-                         bias_init=with_axes(zeros, MLP_AXIS), rngs=rngs)
+                         bias_init=with_axes(zeros, MLP_AXIS),
+                         dot_general=dot_general(matmul_dtype), rngs=rngs)
     self.proj = nnx.Linear(hidden, d_model, use_bias=use_bias,
                            kernel_init=with_axes(nnx.initializers.normal(out_init_std), MLP_AXIS, EMBED),
-                           bias_init=with_axes(zeros, EMBED), rngs=rngs)
+                           bias_init=with_axes(zeros, EMBED),
+                           dot_general=dot_general(matmul_dtype), rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.gelu_approximate = gelu_approximate
 
@@ -138,7 +147,8 @@ class Block(nnx.Module):
                               attention_impl=c.attention_impl,
                               rope_theta=c.rope_theta if c.positions == "rope" else None,
                               rope_scaling=c.rope_scaling, qkv_bias=c.qkv_bias,
-                              logits_soft_cap=c.attn_logits_soft_cap, rngs=rngs)
+                              logits_soft_cap=c.attn_logits_soft_cap,
+                              matmul_dtype=c.matmul_dtype, rngs=rngs)
     self.ln_2 = make_norm(c)
     if c.is_moe_layer(layer):
       hidden = c.moe_hidden or c.hidden_size
@@ -149,10 +159,11 @@ class Block(nnx.Module):
                      out_init_std=out_std, mesh=mesh, rngs=rngs)
     elif c.mlp == "swiglu":
       self.mlp = SwiGLU(c.d_model, c.hidden_size, use_bias=c.bias, dropout=c.dropout,
-                        out_init_std=out_std, rngs=rngs)
+                        out_init_std=out_std, matmul_dtype=c.matmul_dtype, rngs=rngs)
     else:
       self.mlp = MLP(c.d_model, use_bias=c.bias, dropout=c.dropout, hidden=c.hidden_size,
-                     gelu_approximate=c.gelu_approximate, out_init_std=out_std, rngs=rngs)
+                     gelu_approximate=c.gelu_approximate, out_init_std=out_std,
+                     matmul_dtype=c.matmul_dtype, rngs=rngs)
 
   def __call__(self, x, *, batch, segment_ids=None, positions=None, deterministic=None,
                context=None, return_aux=False):

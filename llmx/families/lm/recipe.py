@@ -20,6 +20,7 @@ from llmx.inference import generate
 from llmx.nn.attention import ATTENTION_IMPLS
 from llmx.nn.context import CONTEXT_ATTENTIONS, ContextParallel, layout_batch
 from llmx.nn.moe import GATINGS, GROUPED
+from llmx.nn.precision import MATMUL_DTYPES
 from llmx.nn.params import num_params
 from llmx.train import optimizers, restore
 from llmx.train.mesh import (BATCH_AXES, check_batch_size, data_shard, on_every_host,
@@ -102,6 +103,14 @@ def validate_scaling(c: ml_collections.ConfigDict):
   """Mixed precision, rematerialisation, gradient accumulation (the mesh is checked when built)."""
   from llmx.nn.remat import POLICIES
   require_choice(c, "model.dtype", COMPUTE_DTYPES)
+  matmul_dtype = c.model.get("matmul_dtype", "float32")
+  if matmul_dtype not in MATMUL_DTYPES:
+    raise ConfigError(f"model.matmul_dtype={matmul_dtype!r}: must be one of "
+                      f"{', '.join(map(repr, MATMUL_DTYPES))}")
+  if matmul_dtype != "float32" and c.model.dtype != "float32":
+    raise ConfigError(f"model.matmul_dtype={matmul_dtype!r} with model.dtype={c.model.dtype!r}: "
+                      f"rounding only the matmuls needs model.dtype='float32' (with "
+                      f"model.dtype={c.model.dtype!r} every matmul already runs in it)")
   require_choice(c, "model.remat", tuple(POLICIES))
   require_positive(c, "train.grad_accum_steps")
   require_divisible(c, "train.batch_size", "train.grad_accum_steps")
@@ -191,6 +200,7 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
                    n_head=m.n_head, d_model=m.d_model, dropout=m.dropout, bias=m.bias,
                    tie_embeddings=m.tie_embeddings, gelu_approximate=m.gelu_approximate,
                    attention_impl=m.attention_impl or None, n_kv_head=m.n_kv_head or None,
+                   matmul_dtype=m.get("matmul_dtype", "float32"),
                    positions=m.positions, rope_theta=m.rope_theta, norm=m.norm, mlp=m.mlp,
                    mlp_hidden=m.mlp_hidden or None, logits_soft_cap=m.logits_soft_cap or None,
                    attn_logits_soft_cap=m.attn_logits_soft_cap or None,
