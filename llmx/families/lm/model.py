@@ -46,9 +46,9 @@ class GPTConfig:
   gelu_approximate: bool = False  # nanoGPT: exact erf GELU; GPT-2 checkpoints: tanh form
   layer_norm_epsilon: float = 1e-5  # the epsilon of LayerNorm and RMSNorm alike
   attention_impl: str | None = None  # None: the kernel op's best for the backend
-  # "bfloat16": the dense layers' matmuls (projections, MLP) round their inputs to bf16 and
-  # accumulate in float32; all else (attention, norms, the output head, the loss, the
-  # optimizer) stays float32 (llmx/nn/precision.py). About 1.4-1.6x faster on an AVX512-BF16 CPU.
+  # "bfloat16": the dense layers' matmuls (projections, dense MLP) round their inputs to bf16
+  # and accumulate in float32; all else (attention, MoE experts, norms, the output head, the
+  # loss, the optimizer) stays float32 (llmx/nn/precision.py). About 1.4-1.6x faster on an AVX512-BF16 CPU.
   matmul_dtype: str = "float32"
   n_kv_head: int | None = None  # None: n_head (multi-head); fewer: grouped-query attention
   positions: str = "learned"  # "learned" table (GPT-2) or "rope" (rotary, no table)
