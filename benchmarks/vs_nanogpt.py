@@ -89,7 +89,8 @@ def main():
       for python in pythons:
         for dtype in dtypes:
           ms, first = _run([python, "-m", "experiments.bench_train_step", *overrides,
-                            f"--config.data.path={args.data}", f"--config.model.matmul_dtype={dtype}",
+                            f"--config.data.path={args.data}",
+                            f"--config.model.matmul_dtype={dtype}",
                             f"--steps={steps}", f"--rounds={rounds}", f"--warmup={warmup}"],
                            r"ms/step \(median\): ([\d.]+)", env)
           key = f"{python}:{dtype}"

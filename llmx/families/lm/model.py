@@ -48,7 +48,8 @@ class GPTConfig:
   attention_impl: str | None = None  # None: the kernel op's best for the backend
   # "bfloat16": the dense layers' matmuls (projections, dense MLP) round their inputs to bf16
   # and accumulate in float32; all else (attention, MoE experts, norms, the output head, the
-  # loss, the optimizer) stays float32 (llmx/nn/precision.py). About 1.4-1.6x faster on an AVX512-BF16 CPU.
+  # loss, the optimizer) stays float32 (llmx/nn/precision.py). 1.3-1.6x faster train steps on
+  # an AVX512-BF16 CPU (results/lm.md).
   matmul_dtype: str = "float32"
   n_kv_head: int | None = None  # None: n_head (multi-head); fewer: grouped-query attention
   positions: str = "learned"  # "learned" table (GPT-2) or "rope" (rotary, no table)

@@ -103,7 +103,7 @@ def validate_scaling(c: ml_collections.ConfigDict):
   """Mixed precision, rematerialisation, gradient accumulation (the mesh is checked when built)."""
   from llmx.nn.remat import POLICIES
   require_choice(c, "model.dtype", COMPUTE_DTYPES)
-  matmul_dtype = c.model.get("matmul_dtype", "float32")
+  matmul_dtype = c.model.get("matmul_dtype", "float32")  # runs saved before the field: float32
   if matmul_dtype not in MATMUL_DTYPES:
     raise ConfigError(f"model.matmul_dtype={matmul_dtype!r}: must be one of "
                       f"{', '.join(map(repr, MATMUL_DTYPES))}")
