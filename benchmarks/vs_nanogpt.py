@@ -69,9 +69,11 @@ def main():
   torch_env = dict(env, GLIBC_TUNABLES=TORCH_ALLOCATOR)
   pythons = args.llmx_python.split(",")
   dtypes = args.matmul_dtypes.split(",")
-  for size in args.sizes.split(","):
+  sizes = args.sizes.split(",")
+  for size in sizes:  # all checked before the first (long) run
     if size not in SIZES:
       p.error(f"--sizes: {size!r} is not one of {', '.join(SIZES)}")
+  for size in sizes:
     tokens, overrides, torch_size, steps, rounds, warmup = SIZES[size]
     times: dict[str, list[float]] = {}
     names = {}
