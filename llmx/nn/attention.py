@@ -9,6 +9,7 @@ from flax import nnx
 import llmx_kernels as kernels
 from llmx.nn.axes import EMBED, HEADS, with_axes
 from llmx.nn.context import attention as context_attention
+from llmx.nn.dropout import Dropout
 from llmx.nn.precision import dot_general
 from llmx.nn.rope import apply_rope
 
@@ -54,7 +55,7 @@ class SelfAttention(nnx.Module):
                           kernel_init=with_axes(out_init, HEADS, EMBED),
                           bias_init=with_axes(zeros, EMBED),
                           dot_general=dot_general(matmul_dtype), rngs=rngs)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = Dropout(dropout, rngs=rngs)
     self.attention_impl = attention_impl
     self.rope_theta = rope_theta
     self.rope_scaling = rope_scaling

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmx.nn.dropout import Dropout
+
 
 class LoRALinear(nnx.Module):
   """A frozen `nnx.Linear` plus adapters on the output columns [start, end) of each segment.
@@ -34,7 +36,7 @@ class LoRALinear(nnx.Module):
                             for _ in self.segments])
     self.lora_b = nnx.List([nnx.LoRAParam(jnp.zeros((rank, end - start), dtype))
                             for start, end in self.segments])
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = Dropout(dropout, rngs=rngs)
 
   def __call__(self, x, deterministic=None):
     y = self.base(x)

@@ -3,6 +3,7 @@ import jax
 from flax import nnx
 
 from llmx.nn.axes import EMBED, MLP, with_axes
+from llmx.nn.dropout import Dropout
 from llmx.nn.precision import dot_general
 
 
@@ -29,7 +30,7 @@ class SwiGLU(nnx.Module):
                                                  MLP, EMBED),
                            bias_init=with_axes(zeros, EMBED),
                            dot_general=dot_general(matmul_dtype), rngs=rngs)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = Dropout(dropout, rngs=rngs)
 
   def __call__(self, x, deterministic=None):
     h = self.gate_up(x)

@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from llmx.nn.axes import EMBED, EXPERT, MLP, param
+from llmx.nn.dropout import Dropout
 from llmx.nn.mlp import SwiGLU
 
 GATINGS = ("softmax", "sigmoid")
@@ -292,7 +293,7 @@ class MoE(nnx.Module):
                       EXPERT, MLP, EMBED)
     self.shared = (SwiGLU(d_model, shared_hidden, init_std=init_std, out_init_std=out_init_std,
                           rngs=rngs) if shared_hidden else None)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = Dropout(dropout, rngs=rngs)
 
   def __call__(self, x, deterministic=None):
     """x [T, d_model] -> (y [T, d_model], aux: {aux_loss, z_loss, load [E], dropped})."""

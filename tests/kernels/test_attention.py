@@ -32,6 +32,7 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2, "float16": 4e-3}
 CHUNKED_BLOCKS = xla_chunked.BlockSizes(block_q=16, block_k=32)
 TRITON_BLOCKS = attn_triton.BlockSizes(block_q=16, block_k=32, block_q_dq=32, block_k_dq=16,
                                        block_q_dkv=16, block_k_dkv=32)
+XLA_BLOCK_Q = 16
 # Set ATTENTION_TEST_SEED to draw other inputs (soak runs); the default varies per case.
 SEED_OFFSET = int(os.environ.get("ATTENTION_TEST_SEED", "0"))
 
@@ -123,6 +124,9 @@ def run_impl(impl: str, case: Case, inputs):
             soft_cap=case.soft_cap)
   if impl == "xla":
     fn = lambda q, k, v, bias: reference.attention(q, k, v, bias, mask, qseg, kseg, **kw)
+  elif impl == "xla_blocked":  # the reference's causal/window query blocks, small
+    fn = lambda q, k, v, bias: reference.attention(
+        q, k, v, bias, mask, qseg, kseg, block_q=XLA_BLOCK_Q, **kw)
   elif impl == "xla_chunked":
     fn = lambda q, k, v, bias: xla_chunked.attention(
         q, k, v, bias, mask, qseg, kseg, block_sizes=CHUNKED_BLOCKS, **kw)
@@ -240,7 +244,27 @@ def test_xla_reference(name):
   check("xla", dataclasses.replace(SWEEP[name], dtype="bfloat16"), _seed(name) + 2)
 
 
-@pytest.mark.parametrize("impl", ["xla_chunked", "triton"])
+# Causal and windowed cases, where the reference splits the queries into blocks (one case with
+# every kind of bias, mask and segment ids sliced per block).
+XLA_BLOCKED_SWEEP = {
+    name: SWEEP[name] for name in (
+        "T7_causal_gqa", "T100_causal_segments_packed", "T257_S100_causal",
+        "gqa_3_groups_window_causal", "window_left_right_soft_cap", "window_T_ne_S",
+        "bias_rows_causal_scale")} | {
+    "causal_gqa_bias_full_mask_bcast_segments_padded": Case(
+        t=45, s=53, n=4, k=2, causal=True, bias="full", mask="bcast", segments="padded",
+        expect_empty_rows=True),
+    "window_hides_every_key_from_late_queries": Case(t=70, s=20, window=(10, 0),
+                                                      expect_empty_rows=True),
+}
+
+
+@pytest.mark.parametrize("name", list(XLA_BLOCKED_SWEEP))
+def test_xla_reference_query_blocks(name):
+  check("xla_blocked", XLA_BLOCKED_SWEEP[name], _seed(name) + 3)
+
+
+@pytest.mark.parametrize("impl", ["xla_chunked", "triton", "xla_blocked"])
 def test_hidden_blocks_are_skipped(impl):
   """NaN in blocks that the causal window hides entirely must not reach any result.
 

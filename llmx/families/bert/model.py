@@ -23,6 +23,8 @@ from flax import nnx
 import llmx_kernels as kernels
 from llmx.errors import LlmxError
 from llmx.nn.attention import SelfAttention
+from llmx.nn.dropout import Dropout
+from llmx.nn.gelu import gelu
 from llmx.nn.norms import LayerNorm
 from llmx.train import losses
 from llmx.train.losses import IGNORE_INDEX
@@ -61,7 +63,7 @@ class Embeddings(nnx.Module):
     self.position = nnx.Param(init(rngs.params(), (c.max_position_embeddings, c.hidden_size)))
     self.token_type = nnx.Param(init(rngs.params(), (c.type_vocab_size, c.hidden_size)))
     self.norm = LayerNorm(c.hidden_size, epsilon=c.layer_norm_epsilon)
-    self.dropout = nnx.Dropout(c.dropout, rngs=rngs)
+    self.dropout = Dropout(c.dropout, rngs=rngs)
 
   def __call__(self, input_ids, token_type_ids, deterministic=None):
     """input_ids, token_type_ids: int [batch, seq] -> [batch * seq, hidden]."""
@@ -81,14 +83,14 @@ class EncoderLayer(nnx.Module):
     self.attn_norm = LayerNorm(c.hidden_size, epsilon=c.layer_norm_epsilon)
     self.fc_in = nnx.Linear(c.hidden_size, c.intermediate_size, kernel_init=init, rngs=rngs)
     self.fc_out = nnx.Linear(c.intermediate_size, c.hidden_size, kernel_init=init, rngs=rngs)
-    self.mlp_dropout = nnx.Dropout(c.dropout, rngs=rngs)
+    self.mlp_dropout = Dropout(c.dropout, rngs=rngs)
     self.mlp_norm = LayerNorm(c.hidden_size, epsilon=c.layer_norm_epsilon)
     self.gelu_approximate = c.gelu_approximate
 
   def __call__(self, x, *, batch, segment_ids, deterministic=None):
     x = self.attn_norm(x + self.attn(x, batch=batch, is_causal=False, segment_ids=segment_ids,
                                      deterministic=deterministic))
-    h = jax.nn.gelu(self.fc_in(x), approximate=self.gelu_approximate)
+    h = gelu(self.fc_in(x), approximate=self.gelu_approximate)
     return self.mlp_norm(x + self.mlp_dropout(self.fc_out(h), deterministic=deterministic))
 
 
@@ -175,7 +177,7 @@ class BertForPreTraining(nnx.Module):
 
   def mlm_transform(self, hidden):
     """[N, hidden] -> [N, hidden]: the transform before the tied decoder."""
-    h = jax.nn.gelu(self.mlm_dense(hidden), approximate=self.bert.config.gelu_approximate)
+    h = gelu(self.mlm_dense(hidden), approximate=self.bert.config.gelu_approximate)
     return self.mlm_norm(h)
 
   def mlm_logits(self, hidden):
@@ -230,7 +232,7 @@ class BertForSequenceClassification(nnx.Module):
     c = bert.config
     self.bert = bert
     self.pooling = pooling
-    self.dropout = nnx.Dropout(c.dropout if dropout is None else dropout, rngs=rngs)
+    self.dropout = Dropout(c.dropout if dropout is None else dropout, rngs=rngs)
     self.classifier = nnx.Linear(c.hidden_size, num_labels,
                                  kernel_init=nnx.initializers.normal(c.initializer_range), rngs=rngs)
 
@@ -256,7 +258,7 @@ class BertForTokenClassification(nnx.Module):
                rngs: nnx.Rngs):
     c = bert.config
     self.bert = bert
-    self.dropout = nnx.Dropout(c.dropout if dropout is None else dropout, rngs=rngs)
+    self.dropout = Dropout(c.dropout if dropout is None else dropout, rngs=rngs)
     self.classifier = nnx.Linear(c.hidden_size, num_labels,
                                  kernel_init=nnx.initializers.normal(c.initializer_range), rngs=rngs)
 

@@ -22,6 +22,8 @@ from flax import nnx
 import llmx_kernels as kernels
 from llmx.nn.attention import SelfAttention
 from llmx.nn.axes import EMBED, MLP as MLP_AXIS, VOCAB, param, with_axes
+from llmx.nn.dropout import Dropout
+from llmx.nn.gelu import gelu
 from llmx.nn.mlp import SwiGLU
 from llmx.nn.moe import GATINGS, MoE, mean_aux
 from llmx.nn.norms import LayerNorm, RMSNorm
@@ -129,11 +131,11 @@ class MLP(nnx.Module):
                            kernel_init=with_axes(nnx.initializers.normal(out_init_std), MLP_AXIS, EMBED),
                            bias_init=with_axes(zeros, EMBED),
                            dot_general=dot_general(matmul_dtype), rngs=rngs)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = Dropout(dropout, rngs=rngs)
     self.gelu_approximate = gelu_approximate
 
   def __call__(self, x, deterministic=None):
-    x = jax.nn.gelu(self.fc(x), approximate=self.gelu_approximate)
+    x = gelu(self.fc(x), approximate=self.gelu_approximate)
     return self.dropout(self.proj(x), deterministic=deterministic)
 
 
@@ -205,7 +207,7 @@ class GPT(nnx.Module):
                          rngs=rngs)
     self.wpe = (param(init(rngs.params(), (c.block_size, c.d_model)), None, EMBED)
                 if c.positions == "learned" else None)
-    self.drop = nnx.Dropout(c.dropout, rngs=rngs)
+    self.drop = Dropout(c.dropout, rngs=rngs)
     self.blocks = nnx.List([Block(c, layer=i, mesh=mesh, rngs=rngs) for i in range(c.n_layer)])
     self.ln_f = make_norm(c)
     self.lm_head = (None if c.tie_embeddings else

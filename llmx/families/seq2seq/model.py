@@ -27,6 +27,7 @@ from flax import nnx
 import llmx_kernels as kernels
 from llmx.nn.attention import SelfAttention
 from llmx.nn.axes import EMBED, HEADS, MLP as MLP_AXIS, VOCAB, param, with_axes
+from llmx.nn.dropout import Dropout
 from llmx.nn.norms import LayerNorm
 
 NORMS = ("pre", "post")
@@ -78,7 +79,7 @@ class FeedForward(nnx.Module):
                          bias_init=with_axes(zeros, MLP_AXIS), rngs=rngs)
     self.proj = nnx.Linear(hidden, d_model, kernel_init=with_axes(init, MLP_AXIS, EMBED),
                            bias_init=with_axes(zeros, EMBED), rngs=rngs)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = Dropout(dropout, rngs=rngs)
 
   def __call__(self, x, deterministic=None):
     return self.dropout(self.proj(jax.nn.relu(self.fc(x))), deterministic=deterministic)
@@ -97,7 +98,7 @@ class CrossAttention(nnx.Module):
                          bias_init=with_axes(zeros, HEADS), rngs=rngs)
     self.out = nnx.Linear(d_model, d_model, kernel_init=with_axes(init, HEADS, EMBED),
                           bias_init=with_axes(zeros, EMBED), rngs=rngs)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = Dropout(dropout, rngs=rngs)
     self.attention_impl = attention_impl
 
   def memory_kv(self, memory, batch: int) -> dict:
@@ -196,7 +197,7 @@ class Transformer(nnx.Module):
                              None, EMBED)
     else:
       self.pos_table = None
-    self.drop = nnx.Dropout(c.dropout, rngs=rngs)
+    self.drop = Dropout(c.dropout, rngs=rngs)
     self.encoder = nnx.List([EncoderLayer(c, rngs=rngs) for _ in range(c.n_encoder_layers)])
     self.decoder = nnx.List([DecoderLayer(c, rngs=rngs) for _ in range(c.n_decoder_layers)])
     # Pre-LN stacks end in a LayerNorm; post-LN layers already end in one.
