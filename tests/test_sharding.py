@@ -216,7 +216,9 @@ def test_remat_keeps_results_and_saves_fewer_activations():
     kept = sum(math.prod(a.shape) * a.dtype.itemsize
                for a, where in saved_residuals(loss, params) if "argument" not in where)
     out[policy] = (graphdef, kept)
-  assert out["full"][1] < out["dots"][1] < out["none"][1] / 2, {k: v[1] for k, v in out.items()}
+  # "dots" keeps the matmul outputs only: here 0.53 of what "none" keeps (whose GELU keeps one
+  # array, its derivative; llmx/nn/gelu.py), "full" only each block's input.
+  assert out["full"][1] < out["dots"][1] < 0.6 * out["none"][1], {k: v[1] for k, v in out.items()}
   # The same loss and gradients: only what is kept for the backward pass changes.
   model = GPT(cfg, rngs=nnx.Rngs(0))
   _, params, rest = nnx.split(model, nnx.Param, ...)
