@@ -80,6 +80,20 @@ def test_broadcast_dims_and_gradient():
                              rtol=1e-6)
 
 
+def test_rates_at_the_edges_of_16_bits():
+  """Rates whose 16-bit threshold would be 0 or 2**16 are nnx.Dropout's (no division by a keep
+  probability of 0); keep_mask itself refuses them in one line."""
+  x = jax.random.normal(jax.random.key(5), (8, 33))
+  key = jax.random.key(4)
+  for rate in (1e-6, 1 - 1e-6):
+    ours = Dropout(rate, rngs=nnx.Rngs(0))(x, deterministic=False, rngs=key)
+    theirs = nnx.Dropout(rate, rngs=nnx.Rngs(0))(x, deterministic=False, rngs=key)
+    np.testing.assert_array_equal(ours, theirs)
+    assert np.all(np.isfinite(np.asarray(ours)))
+    with pytest.raises(ValueError, match=r"rate=.*2\*\*-17"):
+      keep_mask(key, rate, (8, 33))
+
+
 def test_other_prng_falls_back_to_nnx():
   x = jax.random.normal(jax.random.key(5), (8, 33))
   key = jax.random.key(2, impl="rbg")

@@ -66,6 +66,8 @@ def attention(query, key, value, bias=None, mask=None, query_segment_ids=None,
   against the keys ``common.kv_block_range`` gives it; None: all queries against all keys.
   """
   del interpret  # Nothing to interpret: plain XLA.
+  if block_q is not None and (not isinstance(block_q, int) or block_q < 1):
+    raise ValueError(f"block_q={block_q!r}: must be an integer >= 1, or None for one block")
   t, s_len = query.shape[1], key.shape[1]
   if window.is_full or block_q is None or t <= block_q:
     return _attend(query, key, value, bias, mask, query_segment_ids, kv_segment_ids,

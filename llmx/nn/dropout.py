@@ -25,7 +25,10 @@ _ELEMENTS_PER_BLOCK = 64 // _BITS
 
 def keep_mask(key, rate: float, shape: tuple[int, ...]):
   """-> (boolean keep mask of `shape`, the keep probability it was drawn with), for a Threefry
-  key (typed, or raw uint32[2]); 0 < rate < 1."""
+  key (typed, or raw uint32[2]); rate in [2**-17, 1 - 2**-17) (see `_representable`)."""
+  if not _representable(rate):
+    raise ValueError(f"rate={rate}: keep_mask serves rates in [2**-17, 1 - 2**-17), where the "
+                     f"16-bit threshold is neither 0 nor 2**16")
   threshold = round(rate * 2 ** _BITS)
   *rows, n = shape
   blocks = (*rows, -(-n // _ELEMENTS_PER_BLOCK))  # counters, one per 4 elements of a row
@@ -38,6 +41,12 @@ def keep_mask(key, rate: float, shape: tuple[int, ...]):
   bits = lax.bitcast_convert_type(jnp.stack([high, low], axis=-1), jnp.uint16)
   bits = bits.reshape(*rows, blocks[-1] * _ELEMENTS_PER_BLOCK)[..., :n]
   return bits >= threshold, 1.0 - threshold / 2 ** _BITS
+
+
+def _representable(rate: float) -> bool:
+  """A rate whose 16-bit threshold drops some and keeps some (nearer 0 or 1 it would round to
+  no dropout, or to a keep probability of 0 and a division by it)."""
+  return 0 < round(rate * 2 ** _BITS) < 2 ** _BITS
 
 
 def _is_typed(key) -> bool:
@@ -72,7 +81,7 @@ class Dropout(nnx.Dropout):
     shape = list(inputs.shape)
     for dim in self.broadcast_dims:
       shape[dim] = 1
-    if not _serves(key, shape):
+    if not _serves(key, shape) or not _representable(self.rate):
       return super().__call__(inputs, deterministic=deterministic, rngs=key)
     keep, keep_prob = keep_mask(key, self.rate, tuple(shape))
     return lax.select(jnp.broadcast_to(keep, inputs.shape), inputs / keep_prob,

@@ -264,6 +264,14 @@ def test_xla_reference_query_blocks(name):
   check("xla_blocked", XLA_BLOCKED_SWEEP[name], _seed(name) + 3)
 
 
+def test_xla_reference_block_q_validated():
+  q, k, v = _qkv(t=20)
+  for bad in (0, -4, 2.5):
+    with pytest.raises(ValueError, match=f"block_q={bad}: must be an integer >= 1"):
+      reference.attention(q, k, v, scale=0.125, window=common.make_window(True, None),
+                          block_q=bad)
+
+
 @pytest.mark.parametrize("impl", ["xla_chunked", "triton", "xla_blocked"])
 def test_hidden_blocks_are_skipped(impl):
   """NaN in blocks that the causal window hides entirely must not reach any result.
