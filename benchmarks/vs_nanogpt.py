@@ -37,7 +37,8 @@ SIZES = {
         "--config.model.block_size=256", "--config.model.dropout=0.2",
         "--config.model.bias=False", "--config.train.batch_size=64"], "default", 2, 2, 2),
 }
-TORCH_ALLOCATOR = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
+TORCH_ALLOCATOR = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:"
+                   "glibc.malloc.top_pad=67108864")
 
 
 def _run(command: list[str], pattern: str, env: dict) -> tuple[float, str]:
