@@ -57,7 +57,8 @@ def main(argv):
                "measured f32 matmul" if jax.devices()[0].platform == "cpu" else "spec sheet peak")
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}")
   print(f"model: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active), batch {c.train.batch_size} x {c.model.block_size} "
-        f"tokens, {c.model.dtype} (matmuls {c.model.matmul_dtype}), remat {c.model.remat}, {c.train.grad_accum_steps} micro-batches")
+        f"tokens, {c.model.dtype} (matmuls {c.model.matmul_dtype}), remat {c.model.remat}, {c.train.grad_accum_steps} micro-batches"
+        f"{' (unrolled)' if c.train.get('grad_accum_unroll') and c.train.grad_accum_steps > 1 else ''}")
   print(f"mesh:             {dict(mesh.shape)}; per device: temp {memory['temp'] / 2**20:.1f} MiB, "
         f"peak {memory['peak'] / 2**20:.1f} MiB")
   print(f"rounds (ms/step): {', '.join(f'{r:.1f}' for r in round_ms)}")

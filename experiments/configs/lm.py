@@ -12,13 +12,14 @@ Variants:
   nanogpt_baby  nanoGPT's CPU "baby GPT" shakespeare-char run, like for like (4 layers, 4 heads,
                 d 128, block 64, batch 12, no dropout, no biases, lr 1e-3 with 100 warm-up steps
                 then cosine to 1e-4 over 2000 steps, AdamW betas (0.9, 0.99), weight decay 0.1,
-                clip 1.0). Hardware: 2 CPU cores, about 2 minutes (200 CPU-seconds). Expected on
+                clip 1.0; the batch runs as two halves side by side, the same step, faster on 2
+                cores). Hardware: 2 CPU cores, about 2 minutes (200 CPU-seconds). Expected on
                 Tiny Shakespeare at step 2000: val_loss 1.89-1.90 on its 200 fixed batches, as
                 nanoGPT's own code gets here; 1.87-1.90 on 20 batches, the noisy estimate behind
                 nanoGPT's README figure of 1.88. See results/lm.md.
                 `--config.model.matmul_dtype=bfloat16` (bf16 inputs to the dense layers'
-                matmuls, float32 elsewhere): the same 1.901 / 1.9035 (whole split) at seed 0,
-                1.3-1.6x faster per step on an AVX512-BF16 CPU.
+                matmuls, float32 elsewhere): 1.902 / 1.905 (whole split) at seed 0 against
+                float32's 1.901 / 1.9035, 1.3-1.6x faster per step on an AVX512-BF16 CPU.
   llama_tiny    the LLaMA-style switches all on: byte-level BPE (2048 tokens, trained on the
                 training split), RoPE, RMSNorm, SwiGLU, grouped-query attention (4 heads, 2 KV
                 heads), no biases, untied head, output logits soft-capped at 30; 4 layers x 128,
@@ -96,6 +97,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       max_checkpoints=3, seed=0,
       keep_best_metric="",    # "val_loss": also keep the checkpoint where it was lowest
       grad_accum_steps=1,     # micro-batches per step (batch_size is the whole step's batch)
+      grad_accum_unroll=False,  # True: micro-batches side by side, not in a loop (CPU speed)
   ))
   # Devices: data x fsdp x tensor = all devices (one size -1: the rest). fsdp > 1 shards params and
   # optimizer state (FSDP), tensor > 1 also splits the big matrices (tensor parallelism).
@@ -116,7 +118,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(steps=2000, batch_size=12, learning_rate=1e-3, min_learning_rate=1e-4,
                    warmup_steps=100, lr_decay_steps=2000, beta1=0.9, beta2=0.99,
                    weight_decay=0.1, grad_clip=1.0, eval_every=250, eval_batches=200,
-                   checkpoint_every=500, log_every=50)
+                   checkpoint_every=500, log_every=50,
+                   # The same step as one batch of 12, but the two halves' passes run on two
+                   # cores at once: 7-8% faster on 2 CPU cores with JAX 0.10, 2-3% with 0.12
+                   # (results/lm.md). On more devices: data ways x 2 must divide 12.
+                   grad_accum_steps=2, grad_accum_unroll=True)
   elif variant == "llama_tiny":
     c.data.update(tokenizer="bpe", vocab_size=2048)
     c.model.update(n_layer=4, n_head=4, n_kv_head=2, d_model=128, block_size=64, dropout=0.0,

@@ -70,8 +70,8 @@ def microbatches(batch, k: int):
 
 
 def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientTransformation,
-               loss_fn: LossFn, *, grad_accum_steps: int = 1, compute_dtype=None,
-               wrt=nnx.Param) -> Trainable:
+               loss_fn: LossFn, *, grad_accum_steps: int = 1, grad_accum_unroll: bool = False,
+               compute_dtype=None, wrt=nnx.Param) -> Trainable:
   """One model, one optimizer, gradient descent on `loss_fn`. State = {params, rest (RNG streams
   and other non-parameter variables), opt_state, step, nonfinite_step}, plus `frozen` (the other
   nnx.Params, not trained nor checkpointed) when `wrt` trains only some of the parameters.
@@ -81,6 +81,9 @@ def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientT
     (no device ever holds the whole model); with a module, `init` returns its arrays.
   grad_accum_steps: each step averages the gradients of this many micro-batches of the batch
     (`lax.scan`, one optimizer update), for batches larger than memory allows.
+  grad_accum_unroll: the micro-batches as independent computations instead of a `lax.scan`: XLA
+    may then run them at the same time (XLA:CPU gives each a core), but holds all their
+    activations at once, so it saves no memory. For speed on a CPU, not for memory.
   compute_dtype: e.g. jnp.bfloat16: the forward and backward passes run on a copy of the params
     in this dtype; the params, their gradients and the optimizer state stay float32.
   wrt: the variables trained (an nnx filter): nnx.Param, or nnx.LoRAParam for LoRA adapters alone.
@@ -128,17 +131,25 @@ def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientT
   def accumulated(params, frozen, rest, batch):
     """The mean loss, metrics and gradients of `grad_accum_steps` micro-batches."""
     micro = microbatches(batch, grad_accum_steps)
-    first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(loss_and_grads, params, frozen, rest, first)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1], shapes[3]))
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+    if grad_accum_unroll:
+      total = None
+      for i in range(grad_accum_steps):
+        loss, aux, rest, grads = loss_and_grads(params, frozen, rest,
+                                                jax.tree.map(lambda x: x[i], micro))
+        total = (loss, aux, grads) if total is None else add(total, (loss, aux, grads))
+      loss, aux, grads = total
+    else:
+      first = jax.tree.map(lambda x: x[0], micro)
+      shapes = jax.eval_shape(loss_and_grads, params, frozen, rest, first)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1], shapes[3]))
 
-    def body(carry, mb):
-      loss_sum, aux_sum, grads_sum, rest = carry
-      loss, aux, rest, grads = loss_and_grads(params, frozen, rest, mb)
-      add = lambda a, b: jax.tree.map(jnp.add, a, b)
-      return (loss_sum + loss, add(aux_sum, aux), add(grads_sum, grads), rest), None
+      def body(carry, mb):
+        loss_sum, aux_sum, grads_sum, rest = carry
+        loss, aux, rest, grads = loss_and_grads(params, frozen, rest, mb)
+        return (loss_sum + loss, add(aux_sum, aux), add(grads_sum, grads), rest), None
 
-    (loss, aux, grads, rest), _ = jax.lax.scan(body, (*zeros, rest), micro)
+      (loss, aux, grads, rest), _ = jax.lax.scan(body, (*zeros, rest), micro)
     mean = lambda t: jax.tree.map(lambda x: x / grad_accum_steps, t)
     return mean(loss), mean(aux), rest, mean(grads)
 

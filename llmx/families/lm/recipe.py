@@ -276,6 +276,7 @@ def trainable(c: ml_collections.ConfigDict, gpt_config: GPTConfig, mesh=None):
   context = context_parallel(c, context_mesh)
   loss_fn = lm_loss if context is None else functools.partial(lm_loss, context=context)
   return supervised(build, tx, loss_fn, grad_accum_steps=c.train.grad_accum_steps,
+                    grad_accum_unroll=c.train.get("grad_accum_unroll", False),
                     compute_dtype=compute_dtype(c)), schedule
 
 
