@@ -102,6 +102,16 @@ def test_misspelt_field_is_one_line_with_a_suggestion(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_non_boolean_value_for_a_boolean_field_is_one_line(tmp_path):
+  proc = cli("experiments.pretrain_lm", "--config=experiments/configs/lm.py:smoke",
+             f"--workdir={tmp_path}/run", "--config.train.grad_accum_unroll=2", check=False)
+  assert proc.returncode == 2
+  first = proc.stderr.strip().splitlines()[0]
+  assert first == ("error: flag --config.train.grad_accum_unroll=2: "
+                   "('Non-boolean argument to boolean flag', '2')"), proc.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
+
+
 def test_keep_best_metric_must_name_a_metric_the_evaluation_produces(tmp_path):
   with pytest.raises(ConfigError, match=r"train.keep_best_metric='val_acc': the evaluation never "
                                         r"produces it; choose one of 'val_loss'"):

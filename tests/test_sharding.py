@@ -129,12 +129,15 @@ def test_mesh_shape_resolves_the_rest_and_batch_checks():
     (dict(train=dict(grad_accum_steps=0)), r"train.grad_accum_steps=0: must be an integer > 0"),
     (dict(train=dict(batch_size=6, grad_accum_steps=4)),
      r"train.batch_size=6 is not divisible by train.grad_accum_steps=4"),
+    (dict(train=dict(grad_accum_unroll="yes")),
+     r"^train.grad_accum_unroll='yes': must be one of False, True$"),
 ])
 def test_scaling_config_errors(overrides, message):
   from llmx.families.lm import recipe as lm_recipe
   c = load_config("lm.py:smoke")
   for section, values in overrides.items():
-    c[section].update(values)
+    with c.ignore_type():  # a config file may give a field any type
+      c[section].update(values)
   with pytest.raises(ConfigError, match=message):
     lm_recipe.validate(c)
 
@@ -186,7 +189,7 @@ def test_gradient_accumulation_matches_the_whole_batch(unroll):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
-def test_unrolled_micro_batches_are_independent_computations():
+def test_unrolled_micro_batches_leave_no_loop_in_the_step():
   """grad_accum_unroll: no loop in the step, so XLA may schedule the micro-batches side by side
   (XLA:CPU runs them on different cores); the gradients are checked above."""
   batches, _ = _float32_reference()

@@ -83,7 +83,8 @@ def supervised(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientT
     (`lax.scan`, one optimizer update), for batches larger than memory allows.
   grad_accum_unroll: the micro-batches as independent computations instead of a `lax.scan`: XLA
     may then run them at the same time (XLA:CPU gives each a core), but holds all their
-    activations at once, so it saves no memory. For speed on a CPU, not for memory.
+    activations at once, so it saves no memory. For speed on a CPU, not for memory. With one
+    micro-batch it changes nothing.
   compute_dtype: e.g. jnp.bfloat16: the forward and backward passes run on a copy of the params
     in this dtype; the params, their gradients and the optimizer state stay float32.
   wrt: the variables trained (an nnx filter): nnx.Param, or nnx.LoRAParam for LoRA adapters alone.

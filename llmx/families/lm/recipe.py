@@ -114,6 +114,8 @@ def validate_scaling(c: ml_collections.ConfigDict):
   require_choice(c, "model.remat", tuple(POLICIES))
   require_positive(c, "train.grad_accum_steps")
   require_divisible(c, "train.batch_size", "train.grad_accum_steps")
+  if "grad_accum_unroll" in c.train:  # runs saved before the field: False
+    require_choice(c, "train.grad_accum_unroll", (False, True))
 
 
 def validate_context(c: ml_collections.ConfigDict, context: int | None = None):
